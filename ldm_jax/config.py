@@ -1,0 +1,82 @@
+"""Every field a training run reads, with its default: experiment files in configs/ override these.
+
+    config = default_config()            # ml_collections.ConfigDict
+    config.model.preset = "DiT-XL/2"     # or set fields in configs/<experiment>.py
+
+Fields are grouped by the part of the system that reads them; see each module for their meaning.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from ldm_jax.data import pipeline
+
+
+def default_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = "diffusion"  # training/tasks.py: "diffusion" (DiT) or "autoencoder" (KL-VAE)
+    config.seed = 0
+
+    # parallel/mesh.py: axis sizes; one may be -1 (all remaining devices).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.distributed = ml_collections.ConfigDict(
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto=False)
+    )
+    config.data = pipeline.default_config()
+
+    # models/dit.py fields (+ preset) for task="diffusion".
+    config.model = ml_collections.ConfigDict(dict(preset="DiT-S/2", input_size=32, num_classes=1000))
+    # A frozen VAE model bundle: images are encoded on the fly and previews decoded ("" = none:
+    # latents come from a latent cache, or diffusion runs in pixel space).
+    config.vae = ml_collections.ConfigDict(dict(path=""))
+    # training/steps.py: DiffusionObjective.
+    config.diffusion = ml_collections.ConfigDict(
+        dict(
+            prediction="epsilon",  # "epsilon" | "v" | "x0" | "flow"
+            beta_schedule="linear",
+            num_timesteps=1000,
+            zero_terminal_snr=False,
+            min_snr_gamma=ml_collections.config_dict.placeholder(float),
+            vb_weight=1.0,
+            flow_time_scale=1000.0,
+            time_distribution="uniform",
+            time_loc=0.0,
+            time_std=1.0,
+            time_shift=1.0,
+        )
+    )
+    # task="autoencoder": training/vae_losses.py VAELoss fields + the PatchGAN discriminator
+    # (models/discriminator.py) + LPIPS weight files (off, with a warning, when unset).
+    config.vae_loss = ml_collections.ConfigDict(
+        dict(
+            kl_weight=1e-6, perceptual_weight=1.0, disc_weight=0.5, disc_factor=1.0, disc_start=50001,
+            disc_loss="hinge", logvar_init=0.0, lpips_vgg_path="", lpips_lins_path="",
+            discriminator=dict(ndf=64, n_layers=3, norm="group", norm_groups=32),
+        )
+    )
+    # training/optimizers.py. DiT: AdamW, lr 1e-4, no weight decay, constant.
+    config.optimizer = ml_collections.ConfigDict(
+        dict(name="adamw", learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+             schedule="constant", warmup_steps=0, total_steps=0, grad_clip_norm=0.0)
+    )
+    config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
+    config.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=400_000,
+            accumulation_steps=1,
+            log_every=100,
+            checkpoint_every=10_000,
+            keep_checkpoints=3,
+            keep_every=0,  # also keep every n-th step's checkpoint (0 = no)
+            preview_every=10_000,  # sample a grid into the logs (0 = never)
+            profile_steps=0,  # clu profile of n steps (0 = off)
+            peak_tflops_per_device=0.0,  # for the MFU estimate (0 = not reported)
+        )
+    )
+    # Sampling (previews, `ldm-jax sample`): diffusion/samplers.py SamplerConfig fields + guidance;
+    # the prediction type and the variance (learned with model.learn_sigma) follow the model.
+    config.sample = ml_collections.ConfigDict(
+        dict(sampler="ddim", num_steps=50, spacing="leading", eta=0.0, guidance_scale=1.0,
+             grid_rows=8, grid_cols=8)
+    )
+    return config

@@ -1,0 +1,107 @@
+"""Per-example transforms: the ADM/DiT center crop, flips, [-1, 1] scaling, latent normalisation.
+
+Everything here is numpy/PIL and runs in grain workers. The grain transforms are small picklable
+classes (`mp_prefetch` pickles the pipeline into worker processes); their randomness comes only
+from the `np.random.Generator` grain hands to `random_map`, which grain seeds from the pipeline seed
+and the element's position in the stream (epoch included), so a resumed pipeline is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+
+def to_pil_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image or a uint8 array `[H, W]`, `[H, W, 1]` or `[H, W, 3]`."""
+    if not isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8, got {array.dtype}")
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        image = Image.fromarray(array)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """The ADM / DiT center crop: a PIL image of any size -> uint8 `[image_size, image_size, 3]`.
+
+    While the short side is at least twice `image_size`, halve the image with a BOX filter (cheap
+    and alias-free); then resize bicubically so the short side is `image_size` (sides rounded);
+    then cut the central square (offsets rounded down).
+    """
+    image = to_pil_rgb(pil_image)
+    while min(image.size) >= 2 * image_size:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(
+        (round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC
+    )
+    array = np.asarray(image)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return array[top : top + image_size, left : left + image_size]
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """uint8 `[..., H, W, 3]` in [0, 255] -> float32 in [-1, 1]."""
+    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def hflip(array: np.ndarray) -> np.ndarray:
+    """Mirrors `[..., H, W, C]` left-right (the W axis)."""
+    return array[..., ::-1, :]
+
+
+def normalize_latent(z: np.ndarray, shift: Any, scale: Any) -> np.ndarray:
+    """`(z - shift) * scale`; `shift`/`scale`: scalars or per-channel `[C]` (z's last axis)."""
+    return (z - np.asarray(shift, np.float32)) * np.asarray(scale, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFlipToUnitRange(grain.transforms.RandomMap):
+    """`{"image": PIL | uint8 array, ...}` -> `{"image": float32 [S, S, 3] in [-1, 1], ...}`.
+
+    `center_crop_arr` to S = `image_size`, then, when `random_flip`, a horizontal flip with
+    probability 1/2.
+    """
+
+    image_size: int
+    random_flip: bool
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = center_crop_arr(element["image"], self.image_size)
+        if self.random_flip and rng.random() < 0.5:
+            image = hflip(image)
+        return {**element, "image": to_unit_range(image)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentFromPosterior(grain.transforms.RandomMap):
+    """A cached posterior -> one normalised latent.
+
+    Input `{"mean": [V, h, w, C], "std": [V, h, w, C], ...}` where V = 2 when the cache holds the
+    latents of the image and of its mirror (V = 1 otherwise). Picks a variant uniformly at random
+    when `random_flip` (else variant 0, the unflipped image), draws `z = mean + std * eps` when
+    `sample` (else the mode, `z = mean`), and returns `{"latent": float32 [h, w, C]}` plus the
+    element's "label" / "caption", with `latent = (z - shift) * scale` (scalar or per-channel `[C]`).
+    """
+
+    sample: bool
+    random_flip: bool
+    shift: Any
+    scale: Any
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        mean, std = element["mean"], element["std"]
+        variant = int(rng.integers(mean.shape[0])) if self.random_flip else 0
+        z = mean[variant].astype(np.float32)
+        if self.sample:
+            z = z + std[variant].astype(np.float32) * rng.standard_normal(z.shape, np.float32)
+        out = {k: v for k, v in element.items() if k in ("label", "caption")}
+        out["latent"] = normalize_latent(z, self.shift, self.scale)
+        return out

@@ -1,0 +1,252 @@
+"""Transformer building blocks shared by denoisers: embeddings, attention, MLP, adaLN modulation.
+
+All arrays are token-major: `x: [B, N, D]` (batch, tokens, width). Parameters are float32 and carry
+logical axis names (`ldm_jax/parallel/partitioning.py`); `dtype` is the compute dtype. Initialisers
+follow the DiT reference (xavier-uniform linears with zero bias, normal(0.02) embeddings, zeroed
+adaLN modulation); models that load weights do not care.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+HEAD_ACTIVATION_AXES = (
+    "activation_batch",
+    "activation_length",
+    "activation_heads",
+    "activation_kv",
+)
+MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
+
+zeros = nn.initializers.zeros
+
+
+def partitioned(init: nn.initializers.Initializer, names: Sequence[str]) -> Any:
+    """`init` boxed with logical axis names (one per parameter dimension)."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Linear(nn.Module):
+    """y = x . kernel + bias over x's last `in_dims` axes; kernel [*in, *features], float32.
+
+    `kernel_axes` names every kernel dimension; the bias [*features] takes the output names.
+    The default init is xavier-uniform with the fans of the flattened [prod(in), prod(features)]
+    matrix, i.e. of the PyTorch `nn.Linear` the layer corresponds to.
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    in_dims: int = 1
+    dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer | None = None
+    bias_init: nn.initializers.Initializer = zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        shape = x.shape[x.ndim - self.in_dims :] + features
+        kernel_init = self.kernel_init or nn.initializers.xavier_uniform(
+            in_axis=tuple(range(self.in_dims)), out_axis=tuple(range(self.in_dims, len(shape)))
+        )
+        kernel = self.param(
+            "kernel", partitioned(kernel_init, self.kernel_axes), shape, jnp.float32
+        )
+        bias = self.param(
+            "bias",
+            partitioned(self.bias_init, self.kernel_axes[self.in_dims :]),
+            features,
+            jnp.float32,
+        )
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        return y + bias.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- functions
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis without scale/bias; statistics in float32 (two-pass variance).
+
+    x: [..., D] -> [..., D] in x's dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: x * (1 + scale) + shift, per sample. x: [B, N, D]; shift, scale: [B, D]."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0
+) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first.
+
+    t: [B] -> [B, dim] float32: [cos(t * f_i), sin(t * f_i)] with
+    f_i = max_period ** (-i / (dim // 2 - freq_shift)), i < dim // 2; a zero column pads odd `dim`.
+    `freq_shift=0` is DiT/GLIDE; diffusers' `Timesteps(flip_sin_to_cos=True,
+    downscale_freq_shift=1)` is `freq_shift=1`.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding (MAE/DiT): a float32 constant [grid_h * grid_w, D].
+
+    Tokens are row-major (row r, column c -> r * grid_w + c). Channels: the first half encodes the
+    column (w) coordinate, the second half the row (h) coordinate; each half is
+    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000 ** (-k / (embed_dim / 4)).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2D sin-cos embedding")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    pos = np.concatenate([encode(cols.reshape(-1)), encode(rows.reshape(-1))], axis=1)
+    return pos.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class TimestepEmbedder(nn.Module):
+    """t: [B] -> [B, hidden_size]: sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    freq_shift: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        init = nn.initializers.normal(0.02)
+        h = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        h = Linear(
+            self.hidden_size, ("freq", "mlp"), dtype=self.dtype, kernel_init=init, name="fc1"
+        )(h)
+        h = nn.silu(h)
+        return Linear(
+            self.hidden_size, ("mlp", "embed"), dtype=self.dtype, kernel_init=init, name="fc2"
+        )(h)
+
+
+class LabelEmbedder(nn.Module):
+    """y: [B] int -> [B, hidden_size]; rows 0..num_classes-1, plus the null class row num_classes.
+
+    The null row (classifier-free guidance) exists when `use_null_class`; label dropout is done
+    outside the model (`ldm_jax.models.dit.drop_labels`).
+    """
+
+    num_classes: int
+    hidden_size: int
+    use_null_class: bool
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        table = self.param(
+            "embedding_table",
+            partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (self.num_classes + int(self.use_null_class), self.hidden_size),
+            jnp.float32,
+        )
+        return jnp.take(table, y, axis=0).astype(self.dtype)
+
+
+class Modulation(nn.Module):
+    """adaLN modulation: c: [B, D] (already SiLU-activated) -> `num_chunks` arrays [B, D].
+
+    One Linear D -> num_chunks * D, zero-initialised (adaLN-Zero); chunks in output order.
+    """
+
+    num_chunks: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
+        d = c.shape[-1]
+        out = Linear(
+            self.num_chunks * d,
+            ("embed", "modulation"),
+            dtype=self.dtype,
+            kernel_init=zeros,
+            name="linear",
+        )(c)
+        return tuple(jnp.split(out, self.num_chunks, axis=-1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    x: [B, N, D] -> [B, N, D]. qkv kernel [D, 3, H, Dh] (q, k, v stacked on axis 1), output kernel
+    [H, Dh, D]. `qk_norm` applies RMSNorm (learned scale [Dh]) to q and k per head.
+    """
+
+    num_heads: int
+    qk_norm: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        head_dim = d // self.num_heads
+        qkv = Linear(
+            (3, self.num_heads, head_dim),
+            ("embed", "qkv", "heads", "kv"),
+            dtype=self.dtype,
+            name="qkv",
+        )(x)
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], HEAD_ACTIVATION_AXES) for i in range(3))
+        if self.qk_norm:
+            q, k = (
+                nn.RMSNorm(
+                    epsilon=1e-6,
+                    dtype=self.dtype,
+                    param_dtype=jnp.float32,
+                    scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                    name=name,
+                )(a)
+                for a, name in ((q, "q_norm"), (k, "k_norm"))
+            )
+        out = jax.nn.dot_product_attention(q, k, v)
+        return Linear(d, ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """x: [B, N, D] -> Linear(D -> hidden) -> GELU(tanh) -> Linear(hidden -> D)."""
+
+    hidden_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        h = Linear(self.hidden_features, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), MLP_ACTIVATION_AXES)
+        return Linear(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)

@@ -1,0 +1,188 @@
+"""The training loop: mesh, sharded state, grain data, jitted step, orbax checkpoints, clu logging.
+
+    train(config, workdir) -> final TrainState
+
+Resumes from the newest readable checkpoint in `<workdir>/checkpoints` (state + data iterator), so a
+killed or preempted run continues exactly where its last checkpoint was; SIGTERM (TPU VM
+preemption) saves a checkpoint before exiting. A step with a non-finite loss or gradient is not
+applied; the loop stops with an error naming the step, before anything is saved after it. At the
+end the EMA parameters are exported as a model bundle to `<workdir>/model`; previews (sample grids)
+go to TensorBoard and to `<workdir>/previews/step_<n>.png`.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from ldm_jax import generation
+from ldm_jax.data import pipeline
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.training import checkpointing, optimizers, steps, tasks
+from ldm_jax.training.state import TrainState, init_sharded_state
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradients became NaN/inf; the state of the step before is what was kept."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls (so it can save first), then restores the handler."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):  # noqa: ARG001
+            logging.warning("SIGTERM received: saving a checkpoint, then stopping")
+            self.requested = True
+
+        self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def validate_config(config: Any) -> None:
+    """Errors a user can cause, before anything is compiled."""
+    train = config.train
+    for field in ("num_steps", "log_every", "checkpoint_every", "accumulation_steps"):
+        if int(train[field]) < 1:
+            raise ValueError(f"train.{field}={train[field]}: must be >= 1")
+    if config.task not in tasks.TASKS:
+        raise ValueError(f"task={config.task!r}: allowed values are {tasks.TASKS}")
+    if config.data.batch_size % train.accumulation_steps:
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} is not divisible by "
+            f"train.accumulation_steps={train.accumulation_steps}"
+        )
+
+
+def _check_finite(step: int, metrics: dict, checkpointer: checkpointing.Checkpointer) -> None:
+    if float(metrics["finite"]) < 1.0:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradients at step {step} (loss={float(metrics['loss'])}); the update "
+            f"was not applied. Latest good checkpoint: step {checkpointer.latest_step()} in "
+            f"{checkpointer.directory}"
+        )
+
+
+def train(config: Any, workdir: str) -> TrainState:
+    validate_config(config)
+    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    batch_sharding = pipeline.batch_sharding(mesh)
+    pipeline.per_host_batch_size(config.data.batch_size, batch_sharding, jax.process_count())
+
+    task = tasks.make_task(config)
+    tx = optimizers.make_optimizer(config.optimizer)
+    learning_rate = optimizers.learning_rate_schedule(config.optimizer)
+    state, state_shardings = init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)
+    frozen = jax.device_put(task.frozen, mesh_lib.replicated(mesh))
+    data = pipeline.make_pipeline(config.data, batch_sharding)
+
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+        keep_every=config.train.get("keep_every") or None,
+    )
+    restored = checkpointer.restore(checkpointing.abstract_like(state), data.iterator)
+    start_step = 0
+    if restored is not None:
+        state, start_step = restored
+        logging.info("resumed from step %d in %s", start_step, checkpointer.directory)
+
+    step_fn = jax.jit(
+        functools.partial(
+            steps.train_step, loss_fn=task.loss_fn, tx=tx, learning_rate=learning_rate,
+            ema_decay=config.ema.decay, ema_warmup=config.ema.warmup,
+            accumulation_steps=config.train.accumulation_steps,
+        ),
+        in_shardings=(state_shardings, None, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+        parameter_overview.log_parameter_overview(state.params)
+    num_steps = config.train.num_steps
+    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+    if config.train.profile_steps and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+
+    compiled = None
+    step_flops = 0.0
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, num_steps + 1):
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    batch = next(data)
+                    if compiled is None:
+                        compiled = step_fn.lower(state, frozen, batch).compile()
+                        step_flops = _flops(compiled)
+                    state, metrics = compiled(state, frozen, batch)
+                for hook in hooks:
+                    hook(step)
+                save_due = step % config.train.checkpoint_every == 0 or step == num_steps or preemption.requested
+                if save_due or step % config.train.log_every == 0:
+                    _check_finite(step, metrics, checkpointer)
+                if step % config.train.log_every == 0 or step == num_steps:
+                    now = time.perf_counter()
+                    steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_step = now, step
+                    scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                    scalars.update(
+                        steps_per_s=steps_per_s,
+                        images_per_s=steps_per_s * config.data.batch_size,
+                        tflops_per_s_per_device=steps_per_s * step_flops / 1e12,
+                    )
+                    if config.train.peak_tflops_per_device:
+                        scalars["mfu"] = scalars["tflops_per_s_per_device"] / config.train.peak_tflops_per_device
+                    writer.write_scalars(step, scalars)
+                if save_due:
+                    checkpointer.save(step, state, data.iterator, config=config.to_dict(), force=True)
+                if config.train.preview_every and (step % config.train.preview_every == 0 or step == num_steps):
+                    grid = task.preview(state.ema_params, frozen, jax.random.fold_in(jax.random.PRNGKey(config.seed), step))
+                    writer.write_images(step, {"samples": grid[None]})
+                    if jax.process_index() == 0:
+                        path = generation.save_png(grid, os.path.join(workdir, "previews", f"step_{step:08d}.png"))
+                        logging.info("preview written to %s", path)
+                if preemption.requested:
+                    break
+    finally:  # pending async saves complete even when a step fails
+        checkpointer.close()
+        writer.flush()
+        data.close()
+    if int(state.step) == num_steps:
+        task.export(os.path.join(workdir, "model"), state.ema_params)
+    return state
+
+
+def _flops(compiled: Any) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

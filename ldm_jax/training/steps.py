@@ -1,0 +1,226 @@
+"""Pure training steps: `(state, frozen, batch) -> (state, metrics)`, jitted and sharded by the loop.
+
+* `train_step`: the generic update. Gradients of a `loss_fn(params, frozen, batch, key, step)` (optionally
+  accumulated over micro-batches inside the one jit), a non-finite guard (a step whose loss or
+  gradients are not finite leaves the state untouched and reports `finite=False`, so the loop can
+  stop with the last good state), the optax update and the EMA.
+* `DiffusionObjective` + `diffusion_loss_fn`: the denoiser's loss on a batch of latents (cached, or
+  encoded on the fly by a frozen VAE), with label dropout for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ldm_jax.diffusion import objectives, schedules
+from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+from ldm_jax.models.dit import drop_labels
+from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
+
+LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
+PREDICTIONS = ("epsilon", "v", "x0", "flow")
+
+
+def _split_micro_batches(batch: Mapping[str, jax.Array], steps: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [steps, B / steps, ...], micro-batch i = rows i, i + steps, ... so that every
+    device keeps its own rows (a batch-sharded array needs no data movement)."""
+
+    def split(x):
+        if x.shape[0] % steps:
+            raise ValueError(
+                f"the per-step batch {x.shape[0]} is not divisible by accumulation_steps={steps}"
+            )
+        return jnp.swapaxes(x.reshape((x.shape[0] // steps, steps) + x.shape[1:]), 0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def loss_and_grads(
+    loss_fn: LossFn,
+    params: Any,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    accumulation_steps: int,
+    step: jax.Array | int = 0,
+) -> tuple[dict[str, jax.Array], Any]:
+    """Mean loss metrics and gradients over `accumulation_steps` micro-batches of `batch`."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, step=step), has_aux=True)
+    if accumulation_steps == 1:
+        (loss, metrics), grads = grad_fn(params, frozen, batch, key)
+        return {"loss": loss, **metrics}, grads
+
+    def accumulate(carry, inputs):
+        micro_batch, index = inputs
+        (loss, metrics), grads = grad_fn(params, frozen, micro_batch, jax.random.fold_in(key, index))
+        total_metrics, total_grads = carry
+        total_metrics = jax.tree_util.tree_map(jnp.add, total_metrics, {"loss": loss, **metrics})
+        return (total_metrics, jax.tree_util.tree_map(jnp.add, total_grads, grads)), None
+
+    micro = _split_micro_batches(batch, accumulation_steps)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    metric_shapes = jax.eval_shape(lambda: grad_fn(params, frozen, first, key)[0])
+    zero_metrics = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype), {"loss": metric_shapes[0], **metric_shapes[1]}
+    )
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (metrics, grads), _ = jax.lax.scan(
+        accumulate, (zero_metrics, zero_grads), (micro, jnp.arange(accumulation_steps))
+    )
+    scale = 1.0 / accumulation_steps
+    return jax.tree_util.tree_map(lambda x: x * scale, (metrics, grads))
+
+
+def train_step(
+    state: TrainState,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    learning_rate: optax.Schedule,
+    ema_decay: float,
+    ema_warmup: bool = False,
+    accumulation_steps: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update on `batch` (all of it: micro-batched when accumulating).
+
+    frozen: parameters the loss reads but does not train (e.g. the VAE encoding images on the fly),
+      or None. Returns the new state and scalar metrics: loss (+ the loss's own terms), grad_norm,
+      learning_rate, finite (1.0 if the update was applied, 0.0 if it was skipped as non-finite).
+    """
+    key = jax.random.fold_in(state.rng, state.step)
+    metrics, grads = loss_and_grads(loss_fn, state.params, frozen, batch, key, accumulation_steps, state.step)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updated = apply_gradients(state, grads, tx, ema_decay_at(state.step, ema_decay, ema_warmup))
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiffusionObjective:
+    """What a denoiser learns: the corruption of x0 and the loss on its output.
+
+    prediction: "epsilon", "v" or "x0" on a `DiscreteSchedule` (learned sigma: ADM/DiT hybrid loss,
+      epsilon only), or "flow" (velocity ε - x0) on a `FlowSchedule`.
+    time_distribution, time_loc, time_std, time_shift: flow training times (uniform or logit-normal,
+      then the resolution shift).
+    """
+
+    prediction: str
+    schedule: DiscreteSchedule | FlowSchedule
+    learn_sigma: bool = False
+    min_snr_gamma: float | None = None
+    vb_weight: float = 1.0
+    time_distribution: str = "uniform"
+    time_loc: float = 0.0
+    time_std: float = 1.0
+    time_shift: float = 1.0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction={self.prediction!r}: allowed values are {PREDICTIONS}")
+        flow = self.prediction == "flow"
+        if flow != isinstance(self.schedule, FlowSchedule):
+            raise ValueError(
+                f"diffusion.prediction={self.prediction!r} needs a "
+                f"{'flow' if flow else 'discrete (beta)'} schedule"
+            )
+        if self.learn_sigma and self.prediction in ("v", "x0"):
+            raise ValueError(
+                f"diffusion.prediction={self.prediction!r} with a learned sigma (model.learn_sigma): "
+                "the hybrid loss is defined for 'epsilon' (or 'flow', which ignores the sigma half)"
+            )
+
+    def loss(self, denoise: Callable, x0: jax.Array, cond: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        """denoise(x_t, t, cond) -> output; x0: [B, h, w, C]. Returns (loss, {terms})."""
+        time_key, noise_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        channels = x0.shape[-1]
+        if self.prediction == "flow":
+            t = schedules.sample_flow_times(
+                time_key, x0.shape[0], self.time_distribution, loc=self.time_loc, scale=self.time_std,
+                shift=self.time_shift,
+            )
+            output = denoise(self.schedule.add_noise(x0, noise, t), t * self.schedule.time_scale, cond)
+            loss = objectives.flow_matching_loss(output[..., :channels], x0, noise)
+            return loss, {}
+        t = jax.random.randint(time_key, (x0.shape[0],), 0, self.schedule.num_timesteps)
+        model_t = jnp.asarray(self.schedule.model_timesteps)[t]
+        output = denoise(self.schedule.add_noise(x0, noise, t), model_t, cond)
+        if self.learn_sigma:
+            terms = objectives.hybrid_loss(output, x0, noise, t, self.schedule, vb_weight=self.vb_weight)
+            return terms["loss"], {"mse": terms["mse"], "vb": terms["vb"]}
+        loss = objectives.diffusion_loss(
+            output, x0, noise, t, self.schedule, prediction_type=self.prediction,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+        return loss, {}
+
+
+def objective_from_config(config: Mapping[str, Any], learn_sigma: bool) -> DiffusionObjective:
+    """The `diffusion` config section -> DiffusionObjective (see configs/ for the fields)."""
+    prediction = config.get("prediction", "epsilon")
+    if prediction == "flow":
+        schedule = FlowSchedule(time_scale=config.get("flow_time_scale", 1000.0))
+    else:
+        schedule = schedules.discrete_schedule(
+            config.get("beta_schedule", "linear"),
+            config.get("num_timesteps", 1000),
+            zero_terminal_snr=config.get("zero_terminal_snr", False),
+        )
+    return DiffusionObjective(
+        prediction=prediction,
+        schedule=schedule,
+        learn_sigma=learn_sigma,
+        min_snr_gamma=config.get("min_snr_gamma"),
+        vb_weight=config.get("vb_weight", 1.0),
+        time_distribution=config.get("time_distribution", "uniform"),
+        time_loc=config.get("time_loc", 0.0),
+        time_std=config.get("time_std", 1.0),
+        time_shift=config.get("time_shift", 1.0),
+    )
+
+
+def diffusion_loss_fn(
+    params: Any,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    step: jax.Array | int = 0,  # noqa: ARG001 - the diffusion loss does not depend on the step
+    *,
+    model: nn.Module,
+    objective: DiffusionObjective,
+    encode_images: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
+) -> tuple[jax.Array, dict]:
+    """The denoiser's loss on a batch.
+
+    batch: {"latent": [B, h, w, C]} (already scaled), or {"image": [B, H, W, 3]} encoded by
+      `encode_images(frozen, images, key) -> scaled latents` (None: pixel-space diffusion on the
+      images themselves); plus "label": [B] int.
+    Labels are replaced by the null class with probability `model.class_dropout_prob`.
+    """
+    dropout_key, encode_key, loss_key = jax.random.split(key, 3)
+    if "latent" in batch:
+        x0 = batch["latent"]
+    elif encode_images is not None:
+        x0 = jax.lax.stop_gradient(encode_images(frozen, batch["image"], encode_key))
+    else:  # pixel-space diffusion
+        x0 = batch["image"]
+    labels = batch["label"]
+    if model.class_dropout_prob > 0:
+        labels = drop_labels(dropout_key, labels, model.class_dropout_prob, model.num_classes)
+
+    def denoise(x, t, y):
+        return model.apply({"params": params}, x, t, y)
+
+    return objective.loss(denoise, x0, labels, loss_key)

@@ -1,0 +1,191 @@
+"""What the loop trains, built from the config: model, loss, frozen inputs, previews, export.
+
+A `Task` is all the loop needs to know about a model; the loop itself is model-agnostic.
+  * "diffusion": a DiT on latents (cached, or images encoded on the fly by a frozen VAE bundle),
+    or on pixels when no VAE is configured.
+  * "autoencoder": the KL-VAE with the LDM recipe (L1 + optional LPIPS + KL + PatchGAN hinge loss
+    with the adaptive weight); params = {"autoencoder", "discriminator"}, one optimizer over both
+    (the generator and discriminator losses touch disjoint parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax import generation
+from ldm_jax.convert.lpips import load_lpips_or_none
+from ldm_jax.data import pipeline, transforms
+from ldm_jax.diffusion import samplers
+from ldm_jax.models import serialization
+from ldm_jax.models.discriminator import NLayerDiscriminator
+from ldm_jax.models.dit import DiT, dit_preset
+from ldm_jax.models.vae import AutoencoderKL, scale_latents
+from ldm_jax.training import steps, vae_losses
+
+TASKS = ("diffusion", "autoencoder")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    """model: the trained module. init_params(key) -> boxed params. loss_fn: see `steps.train_step`.
+    frozen: non-trained inputs of the loss (a pytree or None). preview(params, frozen, key) ->
+    uint8 image grid [H, W, 3] written to the logs. export(path, params): saves a model bundle."""
+
+    model: nn.Module
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: steps.LossFn
+    frozen: Any
+    preview: Callable[[Any, Any, jax.Array], np.ndarray]
+    export: Callable[[str, Any], None]
+
+
+def _module_from_config(cls: type, config: Mapping[str, Any], section: str) -> nn.Module:
+    """`cls(**config)`, with unknown fields reported by name."""
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{section}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    return cls(**config)
+
+
+def dit_from_config(config: Mapping[str, Any]) -> DiT:
+    """The `model` section: `preset` ("DiT-S/2", ...; "" for none) plus any DiT field."""
+    fields = dict(config)
+    preset = fields.pop("preset", "")
+    if preset:
+        _module_from_config(DiT, fields, "model")  # reports unknown fields by name
+        return dit_preset(preset, **fields)
+    return _module_from_config(DiT, fields, "model")
+
+
+def sampler_from_config(config: Mapping[str, Any], objective: steps.DiffusionObjective) -> samplers.SamplerConfig:
+    """The `sample` section's sampler fields -> SamplerConfig; prediction and variance follow the
+    trained objective (a learned sigma is used by DDPM as ADM/DiT do)."""
+    names = {f.name for f in dataclasses.fields(samplers.SamplerConfig)} - {"prediction", "variance"}
+    fields = {k: v for k, v in config.items() if k in names}
+    prediction = "velocity" if objective.prediction == "flow" else objective.prediction
+    variance = "learned_range" if objective.learn_sigma else "fixed_small"
+    return samplers.SamplerConfig(prediction=prediction, variance=variance, **fields)
+
+
+def load_vae(path: str) -> tuple[Any, Any, tuple[float, float]]:
+    """A VAE bundle -> (module, params, (shift, scale)) from the module's own factors."""
+    vae, params, _ = serialization.load_model(path)
+    shift = vae.shift_factor or 0.0
+    return vae, params, (float(shift), float(vae.scaling_factor))
+
+
+def _encode_images(vae, scale, shift, vae_params, images, key):
+    """images [B, H, W, 3] in [-1, 1] -> normalised latent samples [B, h, w, C]."""
+    posterior = vae.apply({"params": vae_params}, images, method=vae.encode)
+    return scale_latents(posterior.sample(key), scale, shift)
+
+
+def diffusion_task(config: Any) -> Task:
+    model = dit_from_config(config.model)
+    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    encode_images, frozen, decoder = None, None, generation.LatentDecoder()
+    if config.vae.path:
+        vae, frozen, (shift, scale) = load_vae(config.vae.path)
+        decoder = generation.LatentDecoder(vae, shift, scale)
+        encode_images = functools.partial(_encode_images, vae, scale, shift)
+    elif config.data.source != "latents":
+        logging.info("no vae.path: diffusion runs in pixel space on %s images", config.data.source)
+    sample_shape = (model.input_size, model.input_size, model.in_channels)
+
+    def init_params(key):
+        return model.init(key, jnp.zeros((1,) + sample_shape), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+
+    loss_fn = functools.partial(
+        steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images
+    )
+    sampler = sampler_from_config(config.sample, objective)
+    rows = min(model.num_classes, config.sample.grid_rows)
+    labels = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), config.sample.grid_cols)
+
+    def preview(params, frozen_params, key):
+        images = generation.generate(
+            model, params, labels, key, schedule=objective.schedule, sampler=sampler, decoder=decoder,
+            vae_params=frozen_params, guidance_scale=config.sample.guidance_scale,
+        )
+        return generation.image_grid(generation.to_uint8(images), rows)
+
+    def export(path, params):
+        serialization.save_model(path, model, params, metadata={"task": "diffusion"})
+
+    return Task(model, init_params, loss_fn, frozen, preview, export)
+
+
+def preview_images(config: Any, count: int) -> np.ndarray:
+    """The first `count` images of the data source, preprocessed: [count, S, S, 3] in [-1, 1]."""
+    data = pipeline.resolve_config(config.data)
+    source = pipeline.make_source(data)
+    return np.stack([
+        transforms.to_unit_range(transforms.center_crop_arr(transforms.to_pil_rgb(source[i]["image"]), data.image_size))
+        for i in range(min(count, len(source)))
+    ])
+
+
+def autoencoder_task(config: Any) -> Task:
+    vae = _module_from_config(AutoencoderKL, config.model, "model")
+    loss_config = dict(config.vae_loss)
+    discriminator = _module_from_config(NLayerDiscriminator, loss_config.pop("discriminator"), "vae_loss.discriminator")
+    if discriminator.norm == "batch":
+        raise ValueError("vae_loss.discriminator.norm='batch' keeps running statistics, which the train "
+                         "loop does not thread; use 'group' (default) or 'none'")
+    lpips = load_lpips_or_none(loss_config)
+    for field in ("lpips_vgg_path", "lpips_lins_path"):
+        loss_config.pop(field, None)
+    loss = vae_losses.VAELoss(discriminator=discriminator, lpips=lpips[0] if lpips else None, **loss_config)
+    size = config.data.image_size
+    if size % vae.downsample_factor:
+        raise ValueError(f"data.image_size={size} is not divisible by the VAE's downsampling factor "
+                         f"{vae.downsample_factor}")
+    images = jnp.asarray(preview_images(config, 64))
+    decoder_last_layer = ("decoder", "conv_out", "kernel")
+
+    def init_params(key):
+        vae_key, disc_key = jax.random.split(key)
+        x = jnp.zeros((1, size, size, vae.in_channels))
+        return {"autoencoder": vae.init(vae_key, x)["params"], "discriminator": discriminator.init(disc_key, x)["params"]}
+
+    def loss_fn(params, frozen, batch, key, step):
+        x = batch["image"]
+        posterior = vae.apply({"params": params["autoencoder"]}, x, method=vae.encode)
+        x_rec, last_layer_vjp = vae_losses.apply_with_param_vjp(
+            lambda p, z: vae.apply({"params": p}, z, method=vae.decode),
+            params["autoencoder"], decoder_last_layer, posterior.sample(key),
+        )
+        g_loss, (_, metrics) = loss.generator_loss(
+            x, x_rec, posterior, loss.init_logvar(), step, last_layer_vjp,
+            jax.lax.stop_gradient(params["discriminator"]), {}, frozen,
+        )
+        d_loss, (_, d_metrics) = loss.discriminator_loss(params["discriminator"], {}, x, x_rec, step)
+        return g_loss + d_loss, {**metrics, **d_metrics}
+
+    def preview(params, frozen, key):
+        recon, _ = vae.apply({"params": params["autoencoder"]}, images[:32])
+        pairs = jnp.stack([images[:32], recon], axis=1).reshape((-1,) + images.shape[1:])
+        return generation.image_grid(generation.to_uint8(pairs), 8)
+
+    def export(path, params):
+        # LDM's recipe: scale latents to unit variance (scaling_factor = 1 / std of z over data).
+        posterior = vae.apply({"params": params["autoencoder"]}, images, method=vae.encode)
+        z = posterior.sample(jax.random.PRNGKey(0))
+        scaled = vae.clone(scaling_factor=float(1.0 / jnp.std(z)))
+        serialization.save_model(path, scaled, params["autoencoder"], metadata={"task": "autoencoder"})
+
+    return Task(vae, init_params, loss_fn, lpips[1] if lpips else None, preview, export)
+
+
+def make_task(config: Any) -> Task:
+    if config.task not in TASKS:
+        raise ValueError(f"task={config.task!r}: allowed values are {TASKS}")
+    return {"diffusion": diffusion_task, "autoencoder": autoencoder_task}[config.task](config)
