@@ -2,6 +2,8 @@
 
 Commands:
   train     train the model of the config (resumes from the workdir's latest checkpoint)
+  encode    cache VAE latents of the config's image data (config.vae.path) to --out, resumably;
+            train on them with data.source="latents", data.path=<out>
   convert   PyTorch weights -> a model bundle (--from, --src, --out)
 """
 from __future__ import annotations
@@ -14,14 +16,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "convert")
+COMMANDS = ("train", "encode", "convert")
 CONVERT_FORMATS = ("vae_diffusers", "dit_diffusers", "dit_official")
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
 flags.DEFINE_enum("from", None, CONVERT_FORMATS, "convert: the format of --src.")
 flags.DEFINE_string("src", None, "convert: a diffusers model folder or a .pt/.safetensors file.")
-flags.DEFINE_string("out", None, "convert: the model bundle directory to write.")
+flags.DEFINE_string("out", None, "convert: the model bundle directory; encode: the latent cache directory.")
+flags.DEFINE_integer("shard_size", 1024, "encode: examples per array_record shard.")
 flags.DEFINE_string("model", "DiT-XL/2", "convert (dit_official): the preset of the checkpoint.")
 flags.DEFINE_integer("image_size", 256, "convert (dit_official): the image resolution it was trained at.")
 FLAGS = flags.FLAGS
@@ -42,6 +45,36 @@ def train_command() -> None:
     print(f"checkpoints and logs: {FLAGS.workdir}; exported model: {os.path.join(FLAGS.workdir, 'model')}")
     if os.path.isdir(previews):
         print(f"sample grids: {previews}/{sorted(os.listdir(previews))[-1]}")
+
+
+def encode_command() -> None:
+    import jax
+
+    from ldm_jax.data import latent_cache, pipeline
+    from ldm_jax.parallel import mesh as mesh_lib
+    from ldm_jax.training import tasks
+
+    _require("config", "out")
+    config = FLAGS.config
+    if not config.vae.path:
+        raise app.UsageError("encode: set --config.vae.path to the VAE model bundle to encode with")
+    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    data = pipeline.resolve_config(config.data)
+    vae, params, _ = tasks.load_vae(config.vae.path)
+    params = jax.device_put(params, mesh_lib.replicated(mesh))
+
+    def encode(images):
+        return vae.apply({"params": params}, images, method=vae.encode)
+
+    meta = latent_cache.cache_latents(
+        pipeline.make_source(data), encode, FLAGS.out, image_size=data.image_size,
+        downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
+        sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
+        num_threads=data.num_threads,
+    )
+    print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "
+          f"--config.data.source=latents --config.data.path={FLAGS.out}")
 
 
 def convert_command() -> None:
@@ -74,7 +107,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"usage: ldm-jax {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-    {"train": train_command, "convert": convert_command}[argv[1]]()
+    {"train": train_command, "encode": encode_command, "convert": convert_command}[argv[1]]()
 
 
 def run() -> None:

@@ -1,19 +1,13 @@
-"""Model bundles on disk, and the `ldm-jax convert` command that writes them."""
+"""Model bundles on disk: module config as JSON, params as orbax."""
 import json
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.convert.dit import dit_from_diffusers
 from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_bundle_round_trip_keeps_module_and_params(tmp_path):
@@ -36,29 +30,3 @@ def test_missing_bundle_and_unknown_class(tmp_path):
         serialization.load_model(tmp_path)
     with pytest.raises(ValueError, match="'UNet' is not known"):
         serialization.module_from_config({"class": "UNet", "config": {}})
-
-
-def test_convert_command_writes_a_loadable_bundle(tmp_path, fixtures_dir):
-    out = tmp_path / "dit"
-    result = subprocess.run(
-        [sys.executable, "-m", "ldm_jax.cli", "convert", "--from=dit_diffusers",
-         f"--src={fixtures_dir / 'dit_tiny_diffusers'}", f"--out={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote DiT bundle" in result.stdout
-    module, params, metadata = serialization.load_model(out)
-    reference_module, reference_params = dit_from_diffusers(fixtures_dir / "dit_tiny_diffusers")
-    assert module == reference_module and metadata["format"] == "dit_diffusers"
-    data = np.load(fixtures_dir / "dit_tiny_diffusers.npz")
-    x = jnp.asarray(data["x"])
-    out_a = module.apply({"params": params}, x, jnp.asarray(data["t"]), jnp.asarray(data["y"]))
-    out_b = reference_module.apply({"params": reference_params}, x, jnp.asarray(data["t"]), jnp.asarray(data["y"]))
-    np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
-
-
-def test_convert_command_reports_missing_flags():
-    result = subprocess.run([sys.executable, "-m", "ldm_jax.cli", "convert", "--from=dit_official"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "--src" in result.stderr and "--out" in result.stderr
