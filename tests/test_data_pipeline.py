@@ -1,9 +1,5 @@
 """Transforms and the grain pipeline: crop semantics, host batches, global sharding, exact resume."""
 import json
-import os
-import socket
-import subprocess
-import sys
 
 from absl import flags
 import jax
@@ -14,6 +10,7 @@ import pytest
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
+from subprocesses import run_python_hosts
 
 
 @pytest.fixture(scope="module")
@@ -197,21 +194,7 @@ def test_two_real_processes_give_the_single_process_global_batches(tmp_path):
         folder = tmp_path / f"class{i % 3}"
         folder.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (12, 10, 3), np.uint8)).save(folder / f"{i}.png")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", MULTIHOST_WORKER, address, str(i), str(tmp_path)],
-            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    run_python_hosts(MULTIHOST_WORKER, tmp_path, timeout=120)
 
 
 # --- global batches -------------------------------------------------------------------------------

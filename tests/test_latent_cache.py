@@ -11,6 +11,7 @@ from ldm_jax.data import latent_cache
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
+from subprocesses import run_python_hosts
 
 IMAGE_SIZE, FACTOR, CHANNELS = 16, 4, 4
 SHARD = 64  # 300 test digits -> shards of 64, 64, 64, 64, 44
@@ -250,7 +251,8 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, pro
 import numpy as np
 from jax.experimental import multihost_utils
 from ldm_jax.data import latent_cache, pipeline, sources
-import tests.test_latent_cache as t
+sys.path.insert(0, "tests")  # the workers run from the repository root
+import test_latent_cache as t
 
 assert jax.device_count() == 4 and jax.local_device_count() == 2
 mesh = jax.make_mesh((4, 1, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
@@ -273,25 +275,7 @@ print("ok", jax.process_index())
 
 
 def test_two_real_processes_cache_and_read_global_batches(tmp_path, expected):
-    import socket  # pylint: disable=g-import-not-at-top
-    import subprocess  # pylint: disable=g-import-not-at-top
-    import sys  # pylint: disable=g-import-not-at-top
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", MULTIHOST_WORKER, address, str(i), str(tmp_path)],
-            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+    run_python_hosts(MULTIHOST_WORKER, tmp_path, timeout=120)
     cached = _read_all(str(tmp_path))
     np.testing.assert_array_equal(cached["index"], np.arange(300))
     np.testing.assert_allclose(cached["mean"], expected["mean"], rtol=1e-6, atol=1e-6)

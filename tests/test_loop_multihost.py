@@ -1,21 +1,20 @@
 """The training loop over 2 local hosts (jax.distributed, CPU collectives) equals 1 host."""
-import os
 import subprocess
 
 import jax
 import numpy as np
 
-from train_subprocess import ROOT, train_command, cpu_env, run_train, checkpoint_state
+from subprocesses import ROOT, free_address, train_command, cpu_env, run_train, checkpoint_state
 
 
 def test_two_hosts_match_one_host(tmp_path):
     steps = ["--config.train.num_steps=6", "--config.train.checkpoint_every=6"]
     run_train(tmp_path / "one", *steps)
-    port = 20000 + os.getpid() % 20000
+    address = free_address()
     hosts = [
         subprocess.Popen(
             train_command(tmp_path / "two", *steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env=cpu_env(4, LDM_JAX_COORDINATOR=f"127.0.0.1:{port}", LDM_JAX_NUM_PROCESSES="2", LDM_JAX_PROCESS_ID=str(i)),
+            env=cpu_env(4, LDM_JAX_COORDINATOR=address, LDM_JAX_NUM_PROCESSES="2", LDM_JAX_PROCESS_ID=str(i)),
         )
         for i in range(2)
     ]

@@ -3,7 +3,7 @@ import signal
 import subprocess
 import time
 
-from train_subprocess import ROOT, assert_bitwise_equal, train_command, cpu_env, run_train, checkpoint_state, wait_for
+from subprocesses import ROOT, assert_bitwise_equal, train_command, cpu_env, run_train, checkpoint_state, wait_for
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path):

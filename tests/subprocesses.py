@@ -1,6 +1,8 @@
-"""Running `ldm-jax train` as real subprocesses (killed, preempted, several hosts) for the tests."""
+"""Real subprocesses for the tests: `ldm-jax train` runs (killed, preempted, several hosts) and
+Python scripts run as several jax.distributed hosts on localhost."""
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -55,3 +57,25 @@ def wait_for(path, process, timeout=600):
         time.sleep(0.01)
 
 
+
+
+def free_address() -> str:
+    """A free 127.0.0.1:port for a jax.distributed coordinator."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def run_python_hosts(script, *args, num_processes=2, num_devices=2, timeout=300):
+    """Runs `python -c script ADDRESS PROCESS_ID *args` as `num_processes` local hosts with
+    `num_devices` CPU devices each; asserts every host exits 0; returns their outputs."""
+    address = free_address()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, address, str(i), *map(str, args)], env=cpu_env(num_devices),
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(num_processes)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
