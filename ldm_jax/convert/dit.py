@@ -191,6 +191,16 @@ def dit_from_official(
 # ----------------------------------------------------------------------------- diffusers
 
 
+
+def diffusers_channels(config: Mapping[str, Any], source: str) -> tuple[int, bool]:
+    """A diffusers transformer config's (in_channels, learn_sigma): out_channels must be in_channels
+    (epsilon) or twice it (epsilon + learned sigma)."""
+    in_channels = config.get("in_channels", 4)
+    out_channels = config.get("out_channels") or in_channels
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f"{source}: out_channels={out_channels} must be in_channels={in_channels} or twice it")
+    return in_channels, out_channels == 2 * in_channels
+
 def dit_config_from_diffusers(
     config: Mapping[str, Any], source: str = "config.json"
 ) -> dict[str, Any]:
@@ -212,12 +222,7 @@ def dit_config_from_diffusers(
             )
     if config.get("num_embeds_ada_norm") is None:
         raise ValueError(f"{source}: num_embeds_ada_norm (the number of classes) must be set")
-    in_channels = config.get("in_channels", 4)
-    out_channels = config.get("out_channels") or in_channels
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(
-            f"{source}: out_channels={out_channels} must be in_channels={in_channels} or twice it"
-        )
+    in_channels, learn_sigma = diffusers_channels(config, source)
     heads = config.get("num_attention_heads", 16)
     return dict(
         input_size=config.get("sample_size", 32),
@@ -228,7 +233,7 @@ def dit_config_from_diffusers(
         num_heads=heads,
         num_classes=config["num_embeds_ada_norm"],
         class_dropout_prob=0.1,  # diffusers' label embedder always has the null-class row
-        learn_sigma=out_channels == 2 * in_channels,
+        learn_sigma=learn_sigma,
         timestep_freq_shift=1.0,
         mlp_norm_eps=config.get("norm_eps", 1e-5),
     )

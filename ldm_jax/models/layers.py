@@ -9,6 +9,7 @@ adaLN modulation); models that load weights do not care.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ HEAD_ACTIVATION_AXES = (
     "activation_heads",
     "activation_kv",
 )
-MLP_ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_mlp")
+MLP_ACTIVATIONS = {"gelu_tanh": partial(nn.gelu, approximate=True), "silu": nn.silu}
 
 zeros = nn.initializers.zeros
 
@@ -111,12 +112,15 @@ def timestep_embedding(
     return embedding
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+def sincos_pos_embed_2d(
+    embed_dim: int, grid_h: int, grid_w: int, interpolation_scale: float = 1.0
+) -> np.ndarray:
     """Fixed 2D sin-cos position embedding (MAE/DiT): a float32 constant [grid_h * grid_w, D].
 
     Tokens are row-major (row r, column c -> r * grid_w + c). Channels: the first half encodes the
     column (w) coordinate, the second half the row (h) coordinate; each half is
-    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000 ** (-k / (embed_dim / 4)).
+    [sin(pos * w_k), cos(pos * w_k)] with w_k = 10000 ** (-k / (embed_dim / 4)) and
+    pos = index / interpolation_scale (diffusers' `interpolation_scale`; PixArt at 1024px uses 2).
     """
     if embed_dim % 4:
         raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2D sin-cos embedding")
@@ -124,7 +128,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
 
     def encode(pos: np.ndarray) -> np.ndarray:
-        out = np.outer(pos, omega)
+        out = np.outer(pos / interpolation_scale, omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
@@ -180,49 +184,83 @@ class LabelEmbedder(nn.Module):
 
 
 class Modulation(nn.Module):
-    """adaLN modulation: c: [B, D] (already SiLU-activated) -> `num_chunks` arrays [B, D].
+    """adaLN modulation -> `num_chunks` arrays [B, D], in output order.
 
-    One Linear D -> num_chunks * D, zero-initialised (adaLN-Zero); chunks in output order.
+    adaln="zero" (DiT): c: [B, D] (already SiLU-activated) -> one Linear D -> num_chunks * D,
+      zero-initialised (adaLN-Zero).
+    adaln="single" (PixArt-alpha adaLN-single): c: [B, num_chunks * D], computed once for all blocks
+      by the model; this module only adds its learned `scale_shift_table` [num_chunks * D] (the
+      reference's [num_chunks, D] table, flattened), initialised N(0, 1/D).
     """
 
     num_chunks: int
+    adaln: str = "zero"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, c: jax.Array) -> tuple[jax.Array, ...]:
-        d = c.shape[-1]
-        out = Linear(
-            self.num_chunks * d,
-            ("embed", "modulation"),
-            dtype=self.dtype,
-            kernel_init=zeros,
-            name="linear",
-        )(c)
+        if self.adaln == "single":
+            width = c.shape[-1]
+            table = self.param(
+                "scale_shift_table",
+                partitioned(
+                    nn.initializers.normal((width // self.num_chunks) ** -0.5), ("modulation",)
+                ),
+                (width,),
+                jnp.float32,
+            )
+            out = c.astype(self.dtype) + table.astype(self.dtype)
+        else:
+            out = Linear(
+                self.num_chunks * c.shape[-1],
+                ("embed", "modulation"),
+                dtype=self.dtype,
+                kernel_init=zeros,
+                name="linear",
+            )(c)
         return tuple(jnp.split(out, self.num_chunks, axis=-1))
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection.
+    """Multi-head attention: self-attention, or cross-attention to a token sequence.
 
-    x: [B, N, D] -> [B, N, D]. qkv kernel [D, 3, H, Dh] (q, k, v stacked on axis 1), output kernel
-    [H, Dh, D]. `qk_norm` applies RMSNorm (learned scale [Dh]) to q and k per head.
+    Self-attention: x: [B, N, D] -> [B, N, D] with one fused projection, qkv kernel [D, 3, H, Dh]
+    (q, k, v stacked on axis 1).
+    Cross-attention (`context` given): queries from x, keys/values from context: [B, L, Dc];
+    q kernel [D, H, Dh], fused kv kernel [Dc, 2, H, Dh]. `context_mask`: [B, L] bool, True = a
+    real token; padded tokens get no attention weight, and a sample whose tokens are all padding
+    attends to nothing (its attention average is 0, so only the output bias remains).
+    Output kernel [H, Dh, D] (`zero_init_output`: zero-initialised, as PixArt's cross-attention).
+    `qk_norm` applies RMSNorm (learned scale [Dh]) to q and k per head.
     """
 
     num_heads: int
     qk_norm: bool = False
+    zero_init_output: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        context: jax.Array | None = None,
+        context_mask: jax.Array | None = None,
+    ) -> jax.Array:
         d = x.shape[-1]
         head_dim = d // self.num_heads
-        qkv = Linear(
-            (3, self.num_heads, head_dim),
-            ("embed", "qkv", "heads", "kv"),
-            dtype=self.dtype,
-            name="qkv",
-        )(x)
-        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], HEAD_ACTIVATION_AXES) for i in range(3))
+        heads = (self.num_heads, head_dim)
+        if context is None:
+            qkv = Linear(
+                (3, *heads), ("embed", "qkv", "heads", "kv"), dtype=self.dtype, name="qkv"
+            )(x)
+            q, k, v = (qkv[:, :, i] for i in range(3))
+        else:
+            q = Linear(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="q")(x)
+            kv = Linear((2, *heads), ("embed", "qkv", "heads", "kv"), dtype=self.dtype, name="kv")(
+                context
+            )
+            k, v = kv[:, :, 0], kv[:, :, 1]
+        q, k, v = (nn.with_logical_constraint(a, HEAD_ACTIVATION_AXES) for a in (q, k, v))
         if self.qk_norm:
             q, k = (
                 nn.RMSNorm(
@@ -234,19 +272,44 @@ class Attention(nn.Module):
                 )(a)
                 for a, name in ((q, "q_norm"), (k, "k_norm"))
             )
-        out = jax.nn.dot_product_attention(q, k, v)
-        return Linear(d, ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype, name="proj")(out)
+        if context_mask is None:
+            out = jax.nn.dot_product_attention(q, k, v)
+        else:
+            mask = context_mask.astype(bool)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+            out = out * jnp.any(mask, axis=-1)[:, None, None, None].astype(out.dtype)
+        proj = Linear(
+            d,
+            ("heads", "kv", "embed"),
+            in_dims=2,
+            dtype=self.dtype,
+            kernel_init=zeros if self.zero_init_output else None,
+            name="proj",
+        )
+        return proj(out)
 
 
 class Mlp(nn.Module):
-    """x: [B, N, D] -> Linear(D -> hidden) -> GELU(tanh) -> Linear(hidden -> D)."""
+    """x: [B, ..., D] -> Linear(D -> hidden) -> activation -> Linear(hidden -> out_features or D).
+
+    activation: "gelu_tanh" (transformer MLPs, PixArt's caption projection) or "silu" (SD3's
+    pooled-text projection).
+    """
 
     hidden_features: int
+    out_features: int | None = None
+    activation: str = "gelu_tanh"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        d = x.shape[-1]
+        if self.activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"Mlp.activation={self.activation!r} is not one of {tuple(MLP_ACTIVATIONS)}"
+            )
+        out_features = self.out_features or x.shape[-1]
         h = Linear(self.hidden_features, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=True), MLP_ACTIVATION_AXES)
-        return Linear(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+        # [B, N, hidden] token MLPs, or [B, hidden] for a vector (the pooled-text projection)
+        axes = ("activation_batch",) + ("activation_length",) * (h.ndim - 2) + ("activation_mlp",)
+        h = nn.with_logical_constraint(MLP_ACTIVATIONS[self.activation](h), axes)
+        return Linear(out_features, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)

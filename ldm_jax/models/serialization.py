@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 MODEL_CLASSES = {
     "DiT": "ldm_jax.models.dit:DiT",
     "AutoencoderKL": "ldm_jax.models.vae:AutoencoderKL",
+    "CLIPTextEncoder": "ldm_jax.models.clip:CLIPTextEncoder",
 }
 _SKIPPED_FIELDS = ("parent", "name")
 
