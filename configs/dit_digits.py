@@ -18,6 +18,6 @@ def get_config():
     config.optimizer.update(learning_rate=1e-3, warmup_steps=100, grad_clip_norm=1.0)
     config.ema.update(decay=0.999, warmup=True)
     config.train.update(num_steps=1500, log_every=100, checkpoint_every=500, preview_every=1500)
-    config.sample.update(sampler="ddim", num_steps=50, guidance_scale=2.0, grid_rows=10, grid_cols=10)
-    config.sample.clip_x0 = 1.0  # pixels live in [-1, 1]
+    # clip_x0: pixels live in [-1, 1].
+    config.sample.update(sampler="ddim", num_steps=50, guidance_scale=2.0, grid_rows=10, grid_cols=10, clip_x0=1.0)
     return config

@@ -1,7 +1,12 @@
 """`ldm-jax COMMAND --config=configs/X.py [--config.a.b=v ...] --workdir=DIR [flags]`.
 
 Commands:
+  demo      the built-in default end to end: a VAE, then a class-conditional DiT on its latents, on
+            the bundled digits; a sample grid PNG and the accuracy of a digits classifier on samples
   train     train the model of the config (resumes from the workdir's latest checkpoint)
+  sample    sample the trained (or converted) DiT: a PNG grid and, with config.sample.num_samples,
+            an ADM-evaluator .npz written in resumable chunks, with the protocol in a JSON beside it
+  evaluate  FID, sFID, Inception Score, precision/recall of samples against a reference (JSON)
   encode    cache VAE latents of the config's image data (config.vae.path) to --out, resumably;
             train on them with data.source="latents", data.path=<out>
   convert   PyTorch weights -> a model bundle (--from, --src, --out)
@@ -16,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "encode", "convert")
+COMMANDS = ("demo", "train", "sample", "encode", "evaluate", "convert")
 CONVERT_FORMATS = ("vae_diffusers", "dit_diffusers", "dit_official")
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
@@ -45,6 +50,30 @@ def train_command() -> None:
     print(f"checkpoints and logs: {FLAGS.workdir}; exported model: {os.path.join(FLAGS.workdir, 'model')}")
     if os.path.isdir(previews):
         print(f"sample grids: {previews}/{sorted(os.listdir(previews))[-1]}")
+
+
+def demo_command() -> None:
+    from ldm_jax import demo
+
+    _require("config", "workdir")
+    demo.run(FLAGS.config, FLAGS.workdir)
+
+
+def sample_command() -> None:
+    from ldm_jax import sampling
+
+    _require("config", "workdir")
+    for name, path in sampling.sample_from_config(FLAGS.config, FLAGS.workdir).items():
+        print(f"{name}: {path}")
+
+
+def evaluate_command() -> None:
+    from ldm_jax.evaluation import fid
+
+    _require("config", "workdir")
+    results, path = fid.evaluate_from_config(FLAGS.config, FLAGS.workdir)
+    print(" ".join(f"{k}={v:.4g}" for k, v in results.items() if isinstance(v, float)))
+    print(f"results and protocol: {path}")
 
 
 def encode_command() -> None:
@@ -107,12 +136,33 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"usage: ldm-jax {{{','.join(COMMANDS)}}} [--flags]; got {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.INFO)
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
-    {"train": train_command, "encode": encode_command, "convert": convert_command}[argv[1]]()
+    command = argv[1]
+    try:
+        globals()[f"{command}_command"]()
+    except (ValueError, OSError) as error:  # a user's input: one line naming it (LDM_JAX_TRACEBACK=1: all)
+        if os.environ.get("LDM_JAX_TRACEBACK"):
+            raise
+        sys.exit(f"ldm-jax {command}: error: {type(error).__name__}: {error}".splitlines()[0])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a missing config file or a mistyped flag or config field reported
+    in one line."""
+    for arg in argv[1:]:
+        if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
+            sys.exit(f"ldm-jax: error in the flags: {arg}: no such config file")
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
+        while error.args and isinstance(error.args[0], Exception):  # config_flags wraps KeyErrors
+            error = error.args[0]
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        sys.exit(f"ldm-jax: error in the flags: {' '.join(str(message).split())}")
 
 
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

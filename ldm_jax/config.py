@@ -76,7 +76,31 @@ def default_config() -> ml_collections.ConfigDict:
     # Sampling (previews, `ldm-jax sample`): diffusion/samplers.py SamplerConfig fields + guidance;
     # the prediction type and the variance (learned with model.learn_sigma) follow the model.
     config.sample = ml_collections.ConfigDict(
-        dict(sampler="ddim", num_steps=50, spacing="leading", eta=0.0, guidance_scale=1.0,
-             grid_rows=8, grid_cols=8)
+        dict(
+            sampler="ddim", num_steps=50, spacing="leading", eta=0.0,
+            clip_x0=ml_collections.config_dict.placeholder(float),
+            guidance_scale=1.0,  # classifier-free guidance scale (1 = off)
+            guidance_interval=(0.0, 1.0),  # guide where t/T lies in [lo, hi]
+            guided_channels=ml_collections.config_dict.placeholder(int),  # guide the first k (None = all)
+            grid_rows=8, grid_cols=8,  # the PNG grid: row r shows class r (mod num_classes)
+            # `ldm-jax sample` (ldm_jax/sampling.py):
+            model_path="",  # DiT model bundle ("" = <workdir>/model, what `train` exports)
+            num_samples=0,  # samples in the .npz (0 = the PNG grid only)
+            batch_size=64,  # global batch = one resumable chunk of the .npz
+            labels="random",  # class of sample i: "random" (from its seed) | "balanced" (i mod classes)
+            seed=0,  # sample i draws all its noise from fold_in(PRNGKey(seed), i)
+            out_dir="",  # "" = <workdir>/samples
+        )
+    )
+    # `ldm-jax evaluate` (ldm_jax/evaluation/): FID, sFID, IS, precision/recall of samples.
+    config.evaluate = ml_collections.ConfigDict(
+        dict(
+            samples="",  # a samples .npz (arr_0) or image folder ("" = what `sample` wrote in workdir)
+            reference="",  # an ADM reference batch .npz, an image folder, or "data" (config.data)
+            inception_path="",  # pytorch-fid weights pt_inception-2015-12-05-6726825d.pth
+            batch_size=64,
+            num_splits=10,  # Inception Score splits
+            k=3,  # precision/recall neighbours
+        )
     )
     return config

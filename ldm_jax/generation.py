@@ -1,15 +1,20 @@
 """From a trained denoiser (+ VAE) to images: latents -> pixels, grids, PNG files.
 
 `LatentDecoder` maps the denoiser's (normalised) latents back to images in [-1, 1]; with no VAE
-(pixel-space diffusion) it is the identity. `generate` runs a sampler with classifier-free guidance
-and decodes, all in one jit per shape.
+(pixel-space diffusion) it is the identity. `Generator` runs a sampler with classifier-free
+guidance and decodes, one jit per batch shape; the training previews and `ldm-jax sample` both use it.
+
+Per-sample randomness: sample i of a run with key K draws everything from
+`key_i = fold_in(K, i)`, split into (initial noise, sampler steps, label) keys (`sample_keys`);
+the stochastic samplers draw its step-s noise from `fold_in(steps_key_i, s)`. So sample i is the
+same whatever batch, batch position, chunk or device layout it is generated in.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,8 @@ from PIL import Image
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.guidance import Guidance
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+
+LABEL_MODES = ("random", "balanced")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -46,48 +53,110 @@ def denoiser(model: Any, params: Any) -> Partial:
     return Partial(lambda p, x, t, y: model.apply({"params": p}, x, t, y), params)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "decoder", "schedule", "sampler", "guidance"))
-def _generate(model, params, decoder, vae_params, noise, labels, key, *, schedule, sampler, guidance):
-    """guidance: None or the hashable (scale, interval, guided_channels)."""
-    if guidance is not None:
-        scale, interval, channels = guidance
-        guidance = Guidance(scale, null_cond=jnp.int32(model.num_classes), interval=interval,
-                            guided_channels=channels)
-    latents = samplers.sample(
-        denoiser(model, params), noise, labels, schedule=schedule, config=sampler, key=key, guidance=guidance
-    )
-    return decoder(vae_params, latents)
+def sample_keys(key: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The run's `key` and global sample indices [B] -> per-sample (noise, steps, label) keys, each [B]."""
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), 3))(indices)
+    return keys[:, 0], keys[:, 1], keys[:, 2]
 
 
-def generate(
-    model: Any,
-    params: Any,
-    labels: jax.Array,
-    key: jax.Array,
-    *,
-    schedule: DiscreteSchedule | FlowSchedule,
-    sampler: samplers.SamplerConfig,
-    decoder: LatentDecoder = LatentDecoder(),
-    vae_params: Any = None,
-    guidance_scale: float = 1.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    guided_channels: int | None = None,
-) -> jax.Array:
-    """Class-conditional samples: labels [B] int -> images [B, H, W, 3] float32 in [-1, 1].
+@functools.partial(jax.jit, static_argnames=("mode", "num_classes"))
+def _sample_labels(key, indices, *, mode, num_classes):
+    if num_classes == 0:
+        return jnp.zeros(indices.shape, jnp.int32)
+    if mode == "balanced":
+        return (indices % num_classes).astype(jnp.int32)
+    label_keys = sample_keys(key, indices)[2]
+    return jax.vmap(lambda k: jax.random.randint(k, (), 0, num_classes, jnp.int32))(label_keys)
 
-    The initial noise is drawn per sample from `fold_in(key, i)`, so sample i is the same whatever
-    the batch it is generated in. guidance_scale 1 disables classifier-free guidance.
+
+def sample_labels(key: jax.Array, indices: np.ndarray, mode: str, num_classes: int) -> np.ndarray:
+    """Class of each sample index [B] -> int32 [B]: "random" = drawn from its label key,
+    "balanced" = index mod num_classes (0 for an unconditional model, num_classes = 0)."""
+    if mode not in LABEL_MODES:
+        raise ValueError(f"labels={mode!r}: allowed values are {LABEL_MODES}")
+    return np.asarray(_sample_labels(key, jnp.asarray(indices), mode=mode, num_classes=num_classes))
+
+
+def grid_labels(rows: int, cols: int, num_classes: int) -> np.ndarray:
+    """Labels [rows * cols] of a sample grid, row-major: row r shows class r mod num_classes (0 for
+    an unconditional model)."""
+    return np.repeat(np.arange(rows, dtype=np.int32) % max(num_classes, 1), cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generator:
+    """Per-sample keys + labels -> images: a DiT-like denoiser (`model(x, t, y)` with `input_size`,
+    `in_channels`, `num_classes`: y = labels [B], null class `num_classes`; num_classes = 0: an
+    unconditional model, y = None), its schedule, a sampler, classifier-free guidance and the latent
+    decoder. Hashable: it is the static part of one jitted program.
+
+    guidance_scale 1 disables guidance; guidance_interval and guided_channels: see `Guidance`.
     """
-    noise_key, sampler_key = jax.random.split(key)
-    shape = (model.input_size, model.input_size, model.in_channels)
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(
-        jnp.arange(labels.shape[0])
-    )
-    guidance = None
-    if guidance_scale != 1.0:
-        guidance = (float(guidance_scale), tuple(guidance_interval), guided_channels)
-    return _generate(model, params, decoder, vae_params, noise, labels, sampler_key,
-                     schedule=schedule, sampler=sampler, guidance=guidance)
+
+    model: Any
+    schedule: DiscreteSchedule | FlowSchedule
+    sampler: samplers.SamplerConfig
+    decoder: LatentDecoder = LatentDecoder()
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guided_channels: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        if self.guided:
+            self.guidance(null_cond=self.model.num_classes)  # validates the settings
+            if not (self.conditional and self.model.class_dropout_prob > 0):
+                raise ValueError(f"guidance_scale={self.guidance_scale} needs a class-conditional model with a "
+                                 "null class (num_classes > 0, trained with class_dropout_prob > 0); use "
+                                 "guidance_scale=1")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], model: Any, schedule: DiscreteSchedule | FlowSchedule,
+                    sampler: samplers.SamplerConfig, decoder: LatentDecoder = LatentDecoder()) -> "Generator":
+        """With the guidance fields of a `sample` config section."""
+        return cls(model, schedule, sampler, decoder, config.get("guidance_scale", 1.0),
+                   config.get("guidance_interval", (0.0, 1.0)), config.get("guided_channels"))
+
+    @property
+    def conditional(self) -> bool:
+        return self.model.num_classes > 0
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def guidance(self, null_cond: Any) -> Guidance:
+        return Guidance(self.guidance_scale, null_cond=null_cond, interval=self.guidance_interval,
+                        guided_channels=self.guided_channels)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.model.input_size, self.model.input_size, self.model.in_channels)
+
+    def image_shape(self, vae_params: Any) -> tuple[int, ...]:
+        """The shape [H, W, C] of one decoded image."""
+        latents = jax.ShapeDtypeStruct((1,) + self.latent_shape, jnp.float32)
+        return tuple(jax.eval_shape(self.decoder, vae_params, latents).shape[1:])
+
+    def __call__(self, params: Any, vae_params: Any, key: jax.Array, indices: jax.Array,
+                 labels: jax.Array) -> jax.Array:
+        """key: the run's PRNG key (typed, or raw uint32 [2]); indices [B] int: the samples' global
+        indices; labels [B] int (ignored by an unconditional model) -> images [B, H, W, C] float32 in
+        [-1, 1]. Inputs may be sharded over the batch (params by the logical rules); the output is
+        sharded like `indices`."""
+        return _generate(self, params, vae_params, key, indices, labels)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(generator: Generator, params, vae_params, key, indices, labels):
+    noise_keys, step_keys, _ = sample_keys(key, indices)
+    noise = jax.vmap(lambda k: jax.random.normal(k, generator.latent_shape))(noise_keys)
+    guidance = generator.guidance(jnp.int32(generator.model.num_classes)) if generator.guided else None
+    cond = labels if generator.conditional else None
+    latents = samplers.sample(denoiser(generator.model, params), noise, cond, schedule=generator.schedule,
+                              config=generator.sampler, key=step_keys, guidance=guidance)
+    return generator.decoder(vae_params, latents)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

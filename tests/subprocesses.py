@@ -1,5 +1,7 @@
 """Real subprocesses for the tests: `ldm-jax train` runs (killed, preempted, several hosts) and
-Python scripts run as several jax.distributed hosts on localhost."""
+Python scripts run as several jax.distributed hosts on localhost; the experiment configs as users
+load them."""
+import importlib.util
 import os
 import pathlib
 import socket
@@ -19,6 +21,14 @@ TINY = [
     "--config.model.input_size=8", "--config.model.hidden_size=32", "--config.model.depth=2",
     "--config.train.log_every=4", "--config.train.preview_every=0",
 ]
+
+
+def load_config(name, *args):
+    """configs/<name>.py's get_config(*args), as `--config=configs/<name>.py` loads it."""
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
 
 
 def train_command(workdir, *overrides):

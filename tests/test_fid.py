@@ -9,7 +9,7 @@ from scipy import linalg
 
 from ldm_jax.convert.inception import inception_from_pytorch_fid
 from ldm_jax.evaluation import fid, metrics
-from ldm_jax.evaluation.features import InceptionFeatures, npz_image_batches, read_images
+from ldm_jax.evaluation.features import InceptionFeatures, npz_image_batches, open_images
 from ldm_jax.models.inception import InceptionV3
 from ldm_jax.parallel import mesh as mesh_lib
 
@@ -188,14 +188,16 @@ def test_evaluate_against_itself_and_stored_statistics(extractor, images, tmp_pa
 def test_folder_of_images_reads_like_the_npz(extractor, images, tmp_path):
     for i, image in enumerate(images[:10]):
         Image.fromarray(image).save(tmp_path / f"{i:03d}.png")
-    batches = list(read_images(str(tmp_path), 4))
+    folder = open_images(str(tmp_path))
+    assert folder.num_images == 10
+    batches = list(folder.batches(4))
     assert [len(b) for b in batches] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(batches), images[:10])
     Image.fromarray(images[0, :16]).save(tmp_path / "999.png")
     with pytest.raises(ValueError, match="999.png is"):
-        list(read_images(str(tmp_path), 4))
+        list(open_images(str(tmp_path)).batches(4))
     with pytest.raises(ValueError, match="neither a folder of images nor an existing .npz"):
-        read_images(str(tmp_path / "missing.npz"), 4)
+        open_images(str(tmp_path / "missing.npz"))
 
 
 @pytest.mark.parametrize(
@@ -220,5 +222,5 @@ def test_bad_reference_batches_are_named(extractor, images, tmp_path, arrays, ma
 def test_too_few_samples_are_named(extractor, images, tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=images[:12])
     np.savez(tmp_path / "ref.npz", arr_0=images)
-    with pytest.raises(ValueError, match="12 samples cannot be split into num_splits=10"):
+    with pytest.raises(ValueError, match="12 samples are too few for the Inception Score in num_splits=10"):
         fid.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), extractor)

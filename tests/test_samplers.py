@@ -264,6 +264,29 @@ def test_batch_sharded_inputs_stay_sharded(config):
     np.testing.assert_allclose(traj, ref_traj, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("schedule, config", [
+    (schedules.discrete_schedule("linear"), SamplerConfig("ddpm", 6)),
+    (schedules.discrete_schedule("linear"), SamplerConfig("ddim", 6, eta=1.0)),
+    (schedules.FlowSchedule(), SamplerConfig("euler_maruyama", 6)),
+], ids=lambda v: getattr(v, "sampler", ""))
+def test_per_sample_keys_make_each_sample_independent_of_its_batch(schedule, config):
+    keys = jax.random.split(jax.random.key(3), 8)
+    noise = jax.random.normal(jax.random.key(4), (8, 2, 2, 4))
+    run = lambda x, k: np.asarray(samplers.sample(denoiser, x, schedule=schedule, config=config, key=k))  # noqa: E731
+    batch = run(noise, keys)
+    order = np.array([5, 2, 7, 0, 4, 1, 6, 3])
+    np.testing.assert_array_equal(run(noise[order], keys[order]), batch[order])
+    np.testing.assert_array_equal(run(noise[2:3], keys[2:3]), batch[2:3])
+    np.testing.assert_array_equal(run(noise, jax.random.key_data(keys)), batch)  # raw uint32 [B, 2] keys
+    sharding = NamedSharding(jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
+                             PartitionSpec("data"))
+    np.testing.assert_array_equal(run(jax.device_put(noise, sharding), jax.device_put(keys, sharding)), batch)
+    other = run(noise, jax.random.split(jax.random.key(9), 8))
+    assert np.all(np.abs(other - batch).max(axis=(1, 2, 3)) > 1e-3)  # every sample uses its own noise
+    with pytest.raises(ValueError, match="4 per-sample keys for a batch of 8"):
+        run(noise, keys[:4])
+
+
 def test_compiles_once_per_shape_and_steps():
     schedule = schedules.discrete_schedule("linear")
     apply = jax.tree_util.Partial(lambda scale, x, t, c: scale * denoiser(x, t, c), jnp.float32(1.0))

@@ -32,6 +32,11 @@ Flow samplers ("euler", "heun", "euler_maruyama", "dpm_solver++" on a `FlowSched
 `schedules.flow_timesteps`. "euler_maruyama" integrates SiT's SDE with diffusion w(t) = sde_norm·t
 (SiT's "sigma" form, as REPA samples): `dx = [v + sde_norm·ε̂] dt + sqrt(2 w |dt|) z`, the last step
 without noise.
+
+Noise of the stochastic samplers: from one `key`, step s of the whole batch draws from
+`split(key, num_steps)[s]` (the batch's draws depend on its size and order). From a batch of keys
+`[B]`, sample b's step-s noise comes from `fold_in(key[b], s)`: each sample's trajectory depends on
+its own key only, whatever batch, batch position or device layout it is generated in.
 """
 from __future__ import annotations
 
@@ -279,9 +284,12 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
         return (pred if static.clip_x0 is None else eps - x0), eps
 
     def step(carry, xs):
-        p, z = xs  # z: this step's noise, its PRNG key, or a placeholder for deterministic samplers
+        p, z = xs  # z: this step's noise, its PRNG key or index, or a placeholder (deterministic)
         if static.stochastic and step_noise is None:
-            z = jax.random.normal(z, noise.shape, noise.dtype)
+            if per_sample_keys:  # z = the step index s; sample b draws from fold_in(key[b], s)
+                z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, z), noise.shape[1:], noise.dtype))(key)
+            else:
+                z = jax.random.normal(z, noise.shape, noise.dtype)
         x = carry["x"]
         if static.sampler == "ddpm":
             x0, _, _, var = x0_eps(x, p["model_t"], p["alpha"], p["sigma"])
@@ -314,10 +322,11 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
         return carry, (x if static.return_trajectory else None)
 
     n = plan["model_t"].shape[0]
+    per_sample_keys = key is not None and _is_key_batch(key)
     if not static.stochastic:
         per_step = jnp.zeros((n,))
-    elif step_noise is None:
-        per_step = jax.random.split(key, n)  # noise drawn inside the step: [N, B, ...] never exists
+    elif step_noise is None:  # noise drawn inside the step: [N, B, ...] never exists
+        per_step = jnp.arange(n, dtype=jnp.uint32) if per_sample_keys else jax.random.split(key, n)
     else:
         per_step = step_noise
     carry = {"x": noise}
@@ -328,6 +337,12 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
 
 
 _run_jit = jax.jit(_run, static_argnames=("static",))
+
+
+def _is_key_batch(key: jax.Array) -> bool:
+    """Whether `key` is a batch of keys `[B]` (typed, or raw `uint32[B, 2]`) rather than one key."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    return key.ndim == (1 if typed else 2)
 
 
 def compiled_loop_count() -> int:
@@ -367,7 +382,8 @@ def sample(
       cond: the condition pytree passed through to `denoise_fn` (e.g. labels `[B]`).
       schedule: a `DiscreteSchedule` or `FlowSchedule`.
       config: a `SamplerConfig`, or give its fields as keyword arguments (sampler="ddim", ...).
-      key: PRNG key for the stochastic samplers (ddpm, ddim with eta > 0, euler_maruyama).
+      key: PRNG key for the stochastic samplers (ddpm, ddim with eta > 0, euler_maruyama): one key,
+        or one per sample, `[B]` (see the module docstring), which may be sharded like `noise`.
       guidance: classifier-free guidance settings (see `guidance.Guidance`).
       step_noise: `[num_steps, *noise.shape]` explicit per-step noise instead of `key` (reproducing
         another implementation's draws); steps that add no noise ignore theirs.
@@ -379,6 +395,8 @@ def sample(
     stochastic = _is_stochastic(config)
     if stochastic and key is None and step_noise is None:
         raise ValueError(f"sampler={config.sampler!r} is stochastic here: pass key= or step_noise=")
+    if key is not None and _is_key_batch(key) and key.shape[0] != noise.shape[0]:
+        raise ValueError(f"key holds {key.shape[0]} per-sample keys for a batch of {noise.shape[0]}")
     if step_noise is not None and step_noise.shape != (len(plan["model_t"]),) + noise.shape:
         raise ValueError(f"step_noise has shape {step_noise.shape}; expected "
                          f"{(len(plan['model_t']),) + tuple(noise.shape)}")

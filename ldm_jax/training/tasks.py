@@ -106,15 +106,15 @@ def diffusion_task(config: Any) -> Task:
     loss_fn = functools.partial(
         steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images
     )
-    sampler = sampler_from_config(config.sample, objective)
-    rows = min(model.num_classes, config.sample.grid_rows)
-    labels = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), config.sample.grid_cols)
+    # Previews sample as `ldm-jax sample` does (ldm_jax/sampling.py): same sampler, guidance and grid.
+    generator = generation.Generator.from_config(
+        config.sample, model, objective.schedule, sampler_from_config(config.sample, objective), decoder
+    )
+    rows, cols = config.sample.grid_rows, config.sample.grid_cols
+    labels = generation.grid_labels(rows, cols, model.num_classes)
 
     def preview(params, frozen_params, key):
-        images = generation.generate(
-            model, params, labels, key, schedule=objective.schedule, sampler=sampler, decoder=decoder,
-            vae_params=frozen_params, guidance_scale=config.sample.guidance_scale,
-        )
+        images = generator(params, frozen_params, key, np.arange(rows * cols), labels)
         return generation.image_grid(generation.to_uint8(images), rows)
 
     def export(path, params):

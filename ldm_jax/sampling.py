@@ -1,0 +1,385 @@
+"""`ldm-jax sample`: a trained or converted DiT -> a PNG grid and an ADM-evaluator `.npz`, sharded
+over every device of every host, resumable, every sample reproducible on its own.
+
+    <out_dir>/protocol.json   everything that determines the samples (written first)
+    <out_dir>/grid.png        sample.grid_rows x grid_cols; row r shows class r mod num_classes
+    <out_dir>/samples.npz     sample.num_samples > 0: arr_0 uint8 [N, H, W, 3], arr_1 int32 labels [N]
+                              (class-conditional models; ADM's convention)
+    <out_dir>/chunks/<start>-<end>.npz   while sampling: images, labels, indices of [start, end)
+
+Sample i draws all its randomness from `fold_in(PRNGKey(sample.seed), i)` (`generation.Generator`)
+and its class from the same key or from i (`sample.labels`), so it is the same whatever batch,
+chunk, device count or host count generates it. Chunk k holds the samples [k·B, (k+1)·B) with
+B = sample.batch_size (one global batch, the last one padded and trimmed: one compiled program);
+each is written atomically, so a killed run restarted with the same config skips the chunks it has
+and writes the rest. When all are there they are streamed into `samples.npz` (memory: one chunk)
+and removed. A restart whose protocol differs from the stored one fails, naming the fields, rather
+than mixing samples of two protocols (delete the out_dir to start afresh).
+
+The model is the bundle at sample.model_path (default `<workdir>/model`, what `train` exports; the
+`model` config section is not used); the schedule comes from `diffusion`, the sampler and guidance
+from `sample`, the decoder from `vae.path` (none: pixel space). Parameters are laid out on the mesh
+by the logical axis rules; only process 0 writes files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import zipfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+import ldm_jax
+from ldm_jax import generation
+from ldm_jax.models import serialization
+from ldm_jax.parallel import mesh as mesh_lib
+from ldm_jax.parallel import partitioning
+from ldm_jax.training import steps, tasks
+
+SAMPLES_FILE = "samples.npz"
+PROTOCOL_FILE = "protocol.json"
+GRID_FILE = "grid.png"
+# Protocol fields that may change between a run and its restart: the weights' hashes cover them.
+_MOVABLE_FIELDS = ("model_path", "vae.path")
+# Fixed zip member timestamps: the same samples give a byte-identical samples.npz.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[str, str]:
+    """Writes the grid, the samples (sample.num_samples > 0) and the protocol; returns their paths.
+
+    devices: the devices to sample on (default: all devices of all hosts, `config.mesh` over them).
+    """
+    mesh_lib.initialize_distributed(config.get("distributed"))
+    settings = config.sample
+    _check_settings(settings)
+    out_dir = os.path.abspath(settings.out_dir or os.path.join(workdir, "samples"))
+    mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
+    num_shards = math.prod(mesh.shape[axis] for axis in mesh_lib.BATCH_AXES)
+    if settings.batch_size % num_shards:
+        raise ValueError(f"sample.batch_size={settings.batch_size} must be divisible by the {num_shards} batch "
+                         f"shards (mesh axes {' x '.join(mesh_lib.BATCH_AXES)})")
+    generator, params, vae_params, protocol = _load(config, workdir, mesh)
+    _claim(out_dir, protocol)
+    sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh)
+
+    rows, cols = settings.grid_rows, settings.grid_cols
+    grid = sample(np.arange(rows * cols), generation.grid_labels(rows, cols, generator.model.num_classes))
+    outputs = {"grid": os.path.join(out_dir, GRID_FILE)}
+    if _is_leader():
+        generation.save_png(generation.image_grid(grid, rows), outputs["grid"])
+    if settings.num_samples:
+        outputs["samples"] = _sample_chunks(sample, out_dir, settings, protocol)
+    outputs["protocol"] = os.path.join(out_dir, PROTOCOL_FILE)
+    return outputs
+
+
+def _check_settings(settings: Any) -> None:
+    if settings.labels not in generation.LABEL_MODES:
+        raise ValueError(f"sample.labels={settings.labels!r}: allowed values are {generation.LABEL_MODES}")
+    if settings.num_samples < 0:
+        raise ValueError(f"sample.num_samples={settings.num_samples} must be >= 0")
+    if settings.batch_size < 1:
+        raise ValueError(f"sample.batch_size={settings.batch_size} must be >= 1")
+    if settings.grid_rows < 1 or settings.grid_cols < 1:
+        raise ValueError(f"sample.grid_rows={settings.grid_rows}, grid_cols={settings.grid_cols} must be >= 1")
+
+
+def _require_bundle(path: str, field: str) -> None:
+    if not os.path.isfile(os.path.join(path, "model.json")):
+        raise FileNotFoundError(f"{field}: no model bundle at {path} (missing model.json)")
+
+
+def _check_class(module: Any, path: str, field: str, expected: str) -> None:
+    if type(module).__name__ != expected:
+        raise ValueError(f"{field}={path} holds a {type(module).__name__} bundle; sampling needs a {expected}")
+
+
+def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, dict]:
+    """(generator, params laid out on the mesh, VAE params replicated, protocol)."""
+    settings = config.sample
+    field = "sample.model_path" if settings.model_path else "sample.model_path (unset: <workdir>/model)"
+    model_path = os.path.abspath(settings.model_path or os.path.join(workdir, "model"))
+    _require_bundle(model_path, field)
+    if config.vae.path:
+        _require_bundle(os.path.abspath(config.vae.path), "vae.path")
+    model, params, _ = serialization.load_model(model_path)
+    _check_class(model, model_path, field, "DiT")
+    other_conditions = sorted(set(model.condition_fields()) - {"label"})
+    if other_conditions:
+        raise ValueError(f"{field}={model_path}: a DiT conditioned on {other_conditions}; `ldm-jax sample` "
+                         "samples class-conditional and unconditional DiTs")
+    weights_sha256 = params_sha256(params)
+    params = _place(params, _param_shardings(model, mesh))
+
+    decoder, vae_params, vae_protocol = generation.LatentDecoder(), None, "pixel space"
+    if config.vae.path:
+        vae_path = os.path.abspath(config.vae.path)
+        vae, vae_params, (shift, scale) = tasks.load_vae(vae_path)
+        _check_class(vae, vae_path, "vae.path", "AutoencoderKL")
+        decoder = generation.LatentDecoder(vae, shift, scale)
+        vae_protocol = {"path": vae_path, "weights_sha256": params_sha256(vae_params), "shift": shift,
+                        "scale": scale, **serialization.module_config(vae)}
+        vae_params = _place(vae_params, jax.tree.map(lambda _: mesh_lib.replicated(mesh), vae_params))
+
+    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    sampler = tasks.sampler_from_config(settings, objective)
+    generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder)
+    protocol = {
+        "model": serialization.module_config(model),
+        "model_path": model_path,
+        "weights_sha256": weights_sha256,
+        "diffusion": config.diffusion.to_dict(),
+        "sampler": dataclasses.asdict(sampler),
+        "guidance": {"scale": generator.guidance_scale, "interval": generator.guidance_interval,
+                     "guided_channels": generator.guided_channels},
+        "vae": vae_protocol,
+        "seed": settings.seed,
+        "labels": settings.labels,
+        "num_samples": settings.num_samples,
+        "batch_size": settings.batch_size,
+        "image_shape": generator.image_shape(vae_params),
+        "versions": {"ldm_jax": ldm_jax.__version__, "jax": jax.__version__},
+    }
+    return generator, params, vae_params, json.loads(json.dumps(protocol))
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Host-local whole arrays -> global arrays laid out by `shardings` (each process keeps its shards)."""
+    return jax.tree.map(lambda leaf, sharding: _global(np.asarray(leaf), sharding), tree, shardings)
+
+
+def _param_shardings(model: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The parameters' layout on `mesh` from their logical axis names (`partitioning`)."""
+    size = model.input_size
+    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, model.in_channels)),
+                           jnp.zeros((1,)), labels)["params"]
+    return partitioning.state_shardings(boxed, mesh)
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over the parameter leaves in tree order (path, dtype, shape and bytes of each).
+
+    Leaves must be fully present on this host (numpy, or replicated / single-device jax arrays)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def _from_leader(value: np.ndarray) -> np.ndarray:
+    """Process 0's `value` on every process (the leader alone reads the out_dir)."""
+    return value if jax.process_count() == 1 else np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}.{key}".lstrip(".")).items()}
+
+
+def protocol_differences(stored: dict, protocol: dict) -> list[str]:
+    """Dotted names of the fields in which two protocols differ (the movable paths aside)."""
+    a, b = _flatten(stored), _flatten(protocol)
+    names = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
+    return [name for name in names if name not in _MOVABLE_FIELDS]
+
+
+def _claim(out_dir: str, protocol: dict) -> None:
+    """Writes protocol.json, after checking that samples already in out_dir were made by the same
+    protocol (ValueError naming the differing fields otherwise)."""
+    problem = ""
+    if _is_leader():
+        path = os.path.join(out_dir, PROTOCOL_FILE)
+        if os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or _chunk_files(out_dir):
+            if not os.path.exists(path):
+                problem = f"{out_dir} holds samples but no {PROTOCOL_FILE} to check them against"
+            else:
+                with open(path) as f:
+                    differences = protocol_differences(json.load(f), protocol)
+                if differences:
+                    problem = f"{out_dir} holds samples of another protocol; differing fields: {', '.join(differences)}"
+        if not problem:
+            _write_atomic(path, lambda f: f.write(json.dumps(protocol, indent=2, sort_keys=True).encode()))
+    if _from_leader(np.int32(bool(problem))):
+        raise ValueError(f"{problem or 'process 0 found samples of another protocol in ' + out_dir} "
+                         "(set sample.out_dir, or delete it to start afresh)")
+
+
+class _BatchSampler:
+    """(indices [n], labels [n]) numpy -> uint8 images [n, H, W, C] on every process, generated in
+    global batches of `batch_size` sharded over the mesh (a short last batch padded, then trimmed)."""
+
+    def __init__(self, generator, params, vae_params, seed, batch_size, mesh):
+        self.generator, self.params, self.vae_params = generator, params, vae_params
+        self.batch_size, self.batch_sharding = batch_size, mesh_lib.batch_sharding(mesh)
+        self.key = np.asarray(jax.random.PRNGKey(seed))  # raw uint32 [2], the same on every process
+        self.global_key = _global(self.key, mesh_lib.replicated(mesh))
+
+    def __call__(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(indices), self.batch_size):
+            n = min(self.batch_size, len(indices) - start)
+            padded = [np.pad(a[start:start + n], (0, self.batch_size - n), mode="edge") for a in (indices, labels)]
+            index_array, label_array = (_global(a.astype(np.int32), self.batch_sharding) for a in padded)
+            images = self.generator(self.params, self.vae_params, self.global_key, index_array, label_array)
+            out.append(generation.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:n]))
+        return np.concatenate(out)
+
+
+def _global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array that every process holds whole."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks and the final .npz.
+# ----------------------------------------------------------------------------------------------
+
+
+def _chunk_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+def _chunk_path(out_dir: str, start: int, end: int) -> str:
+    return os.path.join(out_dir, "chunks", f"{start}-{end}.npz")
+
+
+def _chunk_files(out_dir: str) -> list[str]:
+    directory = os.path.join(out_dir, "chunks")
+    return [name for name in os.listdir(directory) if name.endswith(".npz")] if os.path.isdir(directory) else []
+
+
+def _read_chunk(path: str, start: int, end: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
+    """The chunk's arrays if the file is whole and holds exactly the indices [start, end); else None."""
+    try:
+        with np.load(path) as data:
+            chunk = {name: data[name] for name in ("images", "labels", "indices")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    n = end - start
+    valid = (chunk["images"].shape == (n, *image_shape) and chunk["images"].dtype == np.uint8
+             and chunk["labels"].shape == (n,) and np.array_equal(chunk["indices"], np.arange(start, end)))
+    return chunk if valid else None
+
+
+def _write_atomic(path: str, write: Any) -> None:
+    """`write(file)` into `<path>.tmp`, flushed to disk, then renamed to `path`."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol: dict) -> str:
+    """Generates the chunks not yet on disk, then assembles samples.npz; returns its path."""
+    path = os.path.join(out_dir, SAMPLES_FILE)
+    num_samples, image_shape = settings.num_samples, tuple(protocol["image_shape"])
+    complete = functools.partial(_complete, path, num_samples, image_shape, sample.generator.conditional)
+    ranges = _chunk_ranges(num_samples, settings.batch_size)
+    todo = np.zeros(len(ranges), bool)
+    if _is_leader() and not complete():
+        todo[:] = [_read_chunk(_chunk_path(out_dir, *r), *r, image_shape) is None for r in ranges]
+    todo = _from_leader(todo)
+    if todo.any():
+        logging.info("sampling %d of %d chunks (%d already written) into %s", todo.sum(), len(ranges),
+                     len(ranges) - todo.sum(), os.path.join(out_dir, "chunks"))
+    began, done = time.monotonic(), 0
+    for k in np.flatnonzero(todo):
+        start, end = ranges[k]
+        indices = np.arange(start, end)
+        labels = generation.sample_labels(sample.key, np.arange(start, start + settings.batch_size), settings.labels,
+                                          sample.generator.model.num_classes)[:end - start]  # one shape: one compile
+        images = sample(indices, labels)
+        if _is_leader():
+            _write_atomic(_chunk_path(out_dir, start, end),
+                          lambda f: np.savez(f, images=images, labels=labels, indices=indices))
+        done += 1
+        rate = done * settings.batch_size / (time.monotonic() - began)
+        logging.info("chunk [%d, %d) of %d: %.1f images/s, ETA %.0f s", start, end, num_samples, rate,
+                     (todo.sum() - done) * settings.batch_size / rate)
+    multihost_utils.sync_global_devices("ldm_jax.sample.chunks")
+    if _is_leader():
+        if not complete():
+            _assemble(out_dir, ranges, image_shape, sample.generator.conditional, path)
+        shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
+    multihost_utils.sync_global_devices("ldm_jax.sample.assembled")
+    return path
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{member: (shape, dtype)} of an .npz from the .npy headers alone (nothing loaded)."""
+    shapes = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as f:
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+                shape, _, dtype = read_header(f)
+                shapes[name.removesuffix(".npy")] = (shape, dtype)
+    return shapes
+
+
+def _complete(path: str, num_samples: int, image_shape: tuple[int, ...], with_labels: bool) -> bool:
+    """Whether `path` is a finished samples.npz of this many images of this shape (and labels)."""
+    try:
+        shapes = _npz_shapes(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return False
+    return shapes.get("arr_0") == ((num_samples, *image_shape), np.dtype(np.uint8)) and \
+        (not with_labels or shapes.get("arr_1", ((),))[0] == (num_samples,))
+
+
+def _assemble(out_dir: str, ranges: list[tuple[int, int]], image_shape: tuple[int, ...], with_labels: bool,
+              path: str) -> None:
+    """Streams the chunks, in index order, into `path` (arr_0 images, arr_1 labels if `with_labels`),
+    checking that they hold every index 0..N-1 exactly once; one chunk in memory at a time."""
+    num_samples = ranges[-1][1]
+    labels = np.zeros(num_samples, np.int32)
+    counts = np.zeros(num_samples, np.int64)
+
+    def member(archive, name):
+        return archive.open(zipfile.ZipInfo(name, date_time=_ZIP_DATE), "w", force_zip64=True)
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with member(archive, "arr_0.npy") as out:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": (num_samples, *image_shape)}
+                np.lib.format.write_array_header_1_0(out, header)
+                for start, end in ranges:
+                    chunk = _read_chunk(_chunk_path(out_dir, start, end), start, end, image_shape)
+                    if chunk is None:
+                        raise RuntimeError(f"chunk {_chunk_path(out_dir, start, end)} is missing or damaged")
+                    out.write(np.ascontiguousarray(chunk["images"]).tobytes())
+                    labels[start:end] = chunk["labels"]
+                    np.add.at(counts, chunk["indices"], 1)
+            if not np.all(counts == 1):
+                raise RuntimeError(f"chunks hold indices {np.flatnonzero(counts != 1)[:10]}... not exactly once")
+            if with_labels:
+                with member(archive, "arr_1.npy") as out:
+                    np.lib.format.write_array(out, labels)
+
+    _write_atomic(path, write)
+    logging.info("wrote %d samples to %s", num_samples, path)
