@@ -37,6 +37,23 @@ Noise of the stochastic samplers: from one `key`, step s of the whole batch draw
 `split(key, num_steps)[s]` (the batch's draws depend on its size and order). From a batch of keys
 `[B]`, sample b's step-s noise comes from `fold_in(key[b], s)`: each sample's trajectory depends on
 its own key only, whatever batch, batch position or device layout it is generated in.
+
+Inpainting (`sample(..., inpaint=Inpainting(known, mask))`, RePaint, Lugmayr et al. 2022): after
+every step the known region (mask = 1) of the state is replaced by `known` noised to the state's
+level, `alpha·known + sigma·z` with fresh noise z; the rest comes from the sampler's update. With
+resampling (`jump_n_sample` > 1) the loop walks diffusers' `RePaintScheduler` grid with jumps
+(`resampling_steps`): after certain steps it goes back `jump_length` levels by re-noising the state
+with q(x_noisier | x) one grid level per entry, then denoises again. The expanded grid is computed on
+the host; it is still one `lax.scan` (a `lax.cond` per entry: denoise or re-noise) in one jit.
+Every entry draws one noise z (so inpainting needs `key`/`step_noise` even with a deterministic
+sampler, e.g. DDIM eta = 0: its unknown region stays deterministic given the known region's draws);
+a stochastic step uses the same z for its own noise and for the known region, as diffusers does —
+harmless for a binary mask, where each element takes one of the two. The last step ends on the clean
+level, so there the known region is `known` exactly. Diffusers' RePaint is "ddim" here (spacing
+"leading", steps_offset 0, its eta, clip_x0=1 for clip_sample). One difference: with
+T // num_steps = n > 1, diffusers' `undo_step` re-noises from t - n with betas[t, t + n) instead of
+betas(t - n, t], landing at a slightly wrong level; we re-noise exactly to the next grid level
+(identical for n = 1).
 """
 from __future__ import annotations
 
@@ -65,6 +82,8 @@ DISCRETE_PREDICTIONS = ("epsilon", "v", "x0")
 FLOW_PREDICTIONS = ("velocity",)
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 INVERTIBLE_SAMPLERS = ("ddim", "euler")
+# Single-step samplers: the state alone carries everything to the next step, so the loop can jump back.
+INPAINT_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "euler_maruyama")
 
 # Diffusers scheduler whose timestep rounding each discrete sampler follows.
 _SPACING_CONVENTION = {"ddpm": "ddpm", "ddim": "ddpm", "dpm_solver++": "dpm_solver", "euler": "euler"}
@@ -117,6 +136,28 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.sde_norm={self.sde_norm} must be >= 0")
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Inpainting:
+    """Training-free inpainting (RePaint): what to keep and how much to resample.
+
+    known: the clean image (latents) to inpaint, `[B, ..., C]` like the sampler's noise.
+    mask: `[B, ..., C]` or `[B, ..., 1]`, values in [0, 1]: 1 = keep `known`, 0 = generate.
+    jump_length: how many grid levels a resampling jump goes back (RePaint's j).
+    jump_n_sample: how often each jump point is visited (RePaint's r; 1 = no resampling).
+    """
+
+    known: jax.Array
+    mask: jax.Array
+    jump_length: int = 10
+    jump_n_sample: int = 10
+
+    def __post_init__(self):
+        if self.jump_length < 1:
+            raise ValueError(f"Inpainting.jump_length={self.jump_length} must be >= 1")
+        if self.jump_n_sample < 1:
+            raise ValueError(f"Inpainting.jump_n_sample={self.jump_n_sample} must be >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything the traced loop depends on besides array shapes (the jit cache key)."""
@@ -128,6 +169,7 @@ class _Static:
     clip_x0: float | None
     stochastic: bool
     return_trajectory: bool
+    inpaint: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +214,12 @@ def _grid(schedule, config: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.n
     return model_t, np.append(alpha, 1.0), np.append(sigma, 0.0), index
 
 
+def _ddim_target(schedule: DiscreteSchedule, config: SamplerConfig, index: np.ndarray) -> np.ndarray:
+    """ab of the level each DDIM step lands on: diffusers' t - T // N, clean (1) below 0 (float64)."""
+    prev = index - schedule.num_timesteps // config.num_steps
+    return np.where(prev >= 0, schedule.alphas_cumprod_float64[np.maximum(prev, 0)], 1.0)
+
+
 def make_plan(schedule, config: SamplerConfig) -> dict[str, np.ndarray]:
     """Per-step float32 arrays `[num_steps]` driving the loop (host side, computed in float64)."""
     config = _for_schedule(schedule, config)
@@ -200,10 +248,8 @@ def make_plan(schedule, config: SamplerConfig) -> dict[str, np.ndarray]:
             noise_mask=np.where(last, 0.0, 1.0),
         )
     elif name == "ddim" or (name == "euler" and isinstance(schedule, DiscreteSchedule)):
-        if name == "ddim":  # diffusers' DDIMScheduler steps to t - T // N, clean below 0
-            prev = index - schedule.num_timesteps // config.num_steps
-            ab_all = schedule.alphas_cumprod_float64
-            ab_next = np.where(prev >= 0, ab_all[np.maximum(prev, 0)], 1.0)
+        if name == "ddim":
+            ab_next = _ddim_target(schedule, config, index)
             ab = a**2
             variance = (1.0 - ab_next) / (1.0 - ab) * (1.0 - ab / ab_next)
             std = config.eta * np.sqrt(variance)
@@ -232,6 +278,64 @@ def make_plan(schedule, config: SamplerConfig) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32) for k, v in plan.items()}
 
 
+def resampling_steps(num_steps: int, jump_length: int, jump_n_sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """RePaint's grid with jumps (diffusers' `RePaintScheduler.set_timesteps`) as loop entries.
+
+    Returns (step [M] int, forward [M] bool). Entry e runs base step `step[e]` (0 = the noisiest)
+    unless `forward[e]`; a forward entry re-noises the state one grid level up, to the input level
+    of step `step[e] + 1`. Jumps of `jump_length` levels follow base steps num_steps - 1 (the last),
+    num_steps - 1 - jump_length, ... (diffusers' timesteps 0, j, 2j, ... < num_steps - j), each
+    `jump_n_sample - 1` times.
+    """
+    jumps = {level: jump_n_sample - 1 for level in range(0, num_steps - jump_length, jump_length)}
+    levels, level = [], num_steps  # diffusers' unscaled timesteps: num_steps - 1 .. 0
+    while level >= 1:
+        level -= 1
+        levels.append(level)
+        if jumps.get(level, 0) > 0:
+            jumps[level] -= 1
+            for _ in range(jump_length):
+                level += 1
+                levels.append(level)
+    levels = np.asarray(levels)
+    return num_steps - 1 - levels, np.concatenate([[False], levels[1:] > levels[:-1]])
+
+
+def _inpainting_plan(schedule, config: SamplerConfig, inpaint: Inpainting) -> dict[str, np.ndarray]:
+    """The per-entry plan `[M]` of an inpainting loop: the base plan of each entry's step, plus
+    `forward` (bool), the re-noising `x <- renoise_a·x + renoise_s·z` of forward entries and the level
+    `known_alpha·known + known_sigma·z` the known region is put at after a step (host, float64)."""
+    config = _for_schedule(schedule, config)
+    _check_choice("SamplerConfig.sampler (inpainting)", config.sampler, INPAINT_SAMPLERS)
+    if inpaint.jump_n_sample > 1 and inpaint.jump_length >= config.num_steps:
+        raise ValueError(f"Inpainting.jump_length={inpaint.jump_length} must be < num_steps={config.num_steps} "
+                         f"to resample (jump_n_sample={inpaint.jump_n_sample})")
+    _, alpha, sigma, index = _grid(schedule, config)
+    alpha_in, sigma_in = alpha[:-1], sigma[:-1]  # the level each step starts from
+    if config.sampler == "ddim":  # ... and the level it lands on
+        ab_next = _ddim_target(schedule, config, index)
+        alpha_out, sigma_out = np.sqrt(ab_next), np.sqrt(1.0 - ab_next)
+    else:
+        alpha_out, sigma_out = alpha[1:], sigma[1:]
+    steps, forward = resampling_steps(config.num_steps, inpaint.jump_length, inpaint.jump_n_sample)
+    renoise_a, renoise_s = np.ones(len(steps)), np.zeros(len(steps))
+    level = None  # (alpha, sigma) of the state before the entry
+    for e, (step, fwd) in enumerate(zip(steps, forward)):
+        if fwd:  # q(x_to | x_from) = N((a_to/a_from)·x_from, s_to² - (a_to/a_from)²·s_from²)
+            to = alpha_in[step + 1], sigma_in[step + 1]
+            renoise_a[e] = to[0] / level[0]
+            renoise_s[e] = np.sqrt(max(to[1] ** 2 - renoise_a[e] ** 2 * level[1] ** 2, 0.0))
+            level = to
+        else:
+            level = alpha_out[step], sigma_out[step]
+    plan = {k: v[steps] for k, v in make_plan(schedule, config).items()}
+    plan.update({k: np.asarray(v, np.float32) for k, v in (
+        ("renoise_a", renoise_a), ("renoise_s", renoise_s),
+        ("known_alpha", alpha_out[steps]), ("known_sigma", sigma_out[steps]))})
+    plan["forward"] = forward
+    return plan
+
+
 def _is_stochastic(config: SamplerConfig) -> bool:
     return (config.sampler in ("ddpm", "euler_maruyama")) or (config.sampler == "ddim" and config.eta > 0)
 
@@ -256,7 +360,8 @@ def _x0_eps(pred, x, alpha, sigma, prediction: str, clip_x0: float | None):
     return x0, eps
 
 
-def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
+def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static, inpaint=None):
+    """inpaint: (known [B, ..., C], mask [B, ..., C or 1]) when static.inpaint."""
     noise = noise.astype(jnp.promote_types(noise.dtype, jnp.float32))  # the state stays >= float32
     batch = noise.shape[0]
     channels = noise.shape[-1]
@@ -283,13 +388,17 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
         x0, eps, pred, _ = x0_eps(x, t, alpha, sigma)
         return (pred if static.clip_x0 is None else eps - x0), eps
 
-    def step(carry, xs):
-        p, z = xs  # z: this step's noise, its PRNG key or index, or a placeholder (deterministic)
+    def draw(z):
+        """z: this step's noise, its PRNG key or index, or a placeholder (deterministic) -> noise."""
         if static.stochastic and step_noise is None:
             if per_sample_keys:  # z = the step index s; sample b draws from fold_in(key[b], s)
-                z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, z), noise.shape[1:], noise.dtype))(key)
-            else:
-                z = jax.random.normal(z, noise.shape, noise.dtype)
+                draw_one = lambda k: jax.random.normal(jax.random.fold_in(k, z), noise.shape[1:], noise.dtype)  # noqa: E731
+                return jax.vmap(draw_one)(key)
+            return jax.random.normal(z, noise.shape, noise.dtype)
+        return z
+
+    def update(carry, p, z):
+        """One sampler step with plan entry p and noise z."""
         x = carry["x"]
         if static.sampler == "ddpm":
             x0, _, _, var = x0_eps(x, p["model_t"], p["alpha"], p["sigma"])
@@ -318,8 +427,28 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
         else:  # euler_maruyama
             v, eps = velocity(x, p["model_t"], p["alpha"], p["sigma"])
             x = x + p["dt"] * (v + p["sde_norm"] * eps) + p["noise_std"] * z
-        carry = {**carry, "x": x}
-        return carry, (x if static.return_trajectory else None)
+        return {**carry, "x": x}
+
+    def step(carry, xs):
+        p, z = xs
+        carry = update(carry, p, draw(z))
+        return carry, (carry["x"] if static.return_trajectory else None)
+
+    def inpaint_step(carry, xs):
+        p, z = xs
+        z = draw(z)
+        known, mask = (v.astype(noise.dtype) for v in inpaint)
+
+        def denoise(carry):
+            carry = update(carry, p, z)
+            known_t = p["known_alpha"] * known + p["known_sigma"] * z
+            return {**carry, "x": mask * known_t + (1.0 - mask) * carry["x"]}
+
+        def renoise(carry):
+            return {**carry, "x": p["renoise_a"] * carry["x"] + p["renoise_s"] * z}
+
+        carry = jax.lax.cond(p["forward"], renoise, denoise, carry)
+        return carry, (carry["x"] if static.return_trajectory else None)
 
     n = plan["model_t"].shape[0]
     per_sample_keys = key is not None and _is_key_batch(key)
@@ -332,7 +461,7 @@ def _run(denoise_fn, noise, cond, plan, key, step_noise, static: _Static):
     carry = {"x": noise}
     if static.sampler == "dpm_solver++":
         carry["x0_prev"] = jnp.zeros_like(noise)
-    carry, trajectory = jax.lax.scan(step, carry, (plan, per_step))
+    carry, trajectory = jax.lax.scan(inpaint_step if static.inpaint else step, carry, (plan, per_step))
     return (carry["x"], trajectory) if static.return_trajectory else carry["x"]
 
 
@@ -371,6 +500,7 @@ def sample(
     guidance: Guidance | None = None,
     step_noise: jax.Array | None = None,
     return_trajectory: bool = False,
+    inpaint: Inpainting | None = None,
     **config_fields,
 ):
     """Runs a sampler from `noise` to data.
@@ -386,15 +516,20 @@ def sample(
         or one per sample, `[B]` (see the module docstring), which may be sharded like `noise`.
       guidance: classifier-free guidance settings (see `guidance.Guidance`).
       step_noise: `[num_steps, *noise.shape]` explicit per-step noise instead of `key` (reproducing
-        another implementation's draws); steps that add no noise ignore theirs.
-      return_trajectory: also return the state after every step, `[num_steps, *noise.shape]`.
+        another implementation's draws); steps that add no noise ignore theirs. With `inpaint`, one
+        per loop entry: `[len(resampling_steps(...)[0]), *noise.shape]`.
+      return_trajectory: also return the state after every step (loop entry with `inpaint`),
+        `[num_steps, *noise.shape]`.
+      inpaint: inpaint `Inpainting.known` where its mask is 1 (see the module docstring); needs
+        `key` or `step_noise` whatever the sampler. One of INPAINT_SAMPLERS.
     Returns the final sample `[B, ..., C]` (and the trajectory).
     """
     config = _for_schedule(schedule, _resolve_config(config, config_fields))
-    plan = make_plan(schedule, config)
-    stochastic = _is_stochastic(config)
+    plan = make_plan(schedule, config) if inpaint is None else _inpainting_plan(schedule, config, inpaint)
+    stochastic = _is_stochastic(config) or inpaint is not None
     if stochastic and key is None and step_noise is None:
-        raise ValueError(f"sampler={config.sampler!r} is stochastic here: pass key= or step_noise=")
+        what = f"sampler={config.sampler!r}" if inpaint is None else "inpainting"
+        raise ValueError(f"{what} is stochastic here: pass key= or step_noise=")
     if key is not None and _is_key_batch(key) and key.shape[0] != noise.shape[0]:
         raise ValueError(f"key holds {key.shape[0]} per-sample keys for a batch of {noise.shape[0]}")
     if step_noise is not None and step_noise.shape != (len(plan["model_t"]),) + noise.shape:
@@ -403,9 +538,26 @@ def sample(
     if guidance is not None:
         denoise_fn = classifier_free_guidance(denoise_fn, guidance, schedule.time_scale)
     static = _Static(config.sampler, isinstance(schedule, FlowSchedule), config.prediction, config.variance,
-                     config.clip_x0, stochastic, return_trajectory)
+                     config.clip_x0, stochastic, return_trajectory, inpaint is not None)
     return _run_jit(_as_pytree_fn(denoise_fn), noise, cond, plan, key if step_noise is None else None,
-                    step_noise if stochastic else None, static=static)
+                    step_noise if stochastic else None, static=static,
+                    inpaint=None if inpaint is None else _checked_inpainting(inpaint, noise))
+
+
+def _checked_inpainting(inpaint: Inpainting, noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(known, mask) after checking them against the noise `[B, ..., C]`."""
+    known, mask = jnp.asarray(inpaint.known), jnp.asarray(inpaint.mask)
+    if known.shape != noise.shape:
+        raise ValueError(f"Inpainting.known has shape {known.shape}; expected the noise's shape {noise.shape}")
+    channel_mask = noise.shape[:-1] + (1,)
+    if mask.shape not in (noise.shape, channel_mask):
+        raise ValueError(f"Inpainting.mask has shape {mask.shape}, which does not match the noise's shape "
+                         f"{noise.shape}; expected {noise.shape} or {channel_mask}")
+    if not isinstance(mask, jax.core.Tracer):  # values are checked where they are known
+        lo, hi = float(jnp.min(mask)), float(jnp.max(mask))
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"Inpainting.mask values must lie in [0, 1] (1 = keep `known`); got min {lo}, max {hi}")
+    return known, mask
 
 
 def invert(
