@@ -28,7 +28,7 @@ def get_config():
     )
     config.model = dict(
         preset="DiT-XL/2", input_size=32, in_channels=4, num_classes=1000, class_dropout_prob=0.1,
-        learn_sigma=True, dtype="bfloat16",
+        learn_sigma=True, dtype="bfloat16", remat=False,  # remat: see docs/capacity.md
     )
     # The sd-vae-ft-ema bundle (`ldm-jax convert`): decodes the previews; training reads cached latents.
     config.vae.path = "weights/sd-vae-ft-ema"

@@ -32,6 +32,8 @@ flags.DEFINE_string("out", None, "convert: the model bundle directory; encode: t
 flags.DEFINE_integer("shard_size", 1024, "encode: examples per array_record shard.")
 flags.DEFINE_string("model", "DiT-XL/2", "convert (dit_official): the preset of the checkpoint.")
 flags.DEFINE_integer("image_size", 256, "convert (dit_official): the image resolution it was trained at.")
+flags.DEFINE_multi_string("prompt", [], "sample: a prompt for a text-conditioned model (repeat for more; "
+                          "sample i uses prompt i mod their number); sets config.sample.prompts.")
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +65,8 @@ def sample_command() -> None:
     from ldm_jax import sampling
 
     _require("config", "workdir")
+    if FLAGS.prompt:
+        FLAGS.config.sample.prompts = tuple(FLAGS.prompt)
     for name, path in sampling.sample_from_config(FLAGS.config, FLAGS.workdir).items():
         print(f"{name}: {path}")
 
@@ -79,6 +83,7 @@ def evaluate_command() -> None:
 def encode_command() -> None:
     import jax
 
+    from ldm_jax import text_conditioning
     from ldm_jax.data import latent_cache, pipeline
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.training import tasks
@@ -100,7 +105,7 @@ def encode_command() -> None:
         pipeline.make_source(data), encode, FLAGS.out, image_size=data.image_size,
         downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
         sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
-        num_threads=data.num_threads,
+        num_threads=data.num_threads, text=text_conditioning.text_encoder_from_config(config.get("text")),
     )
     print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "
           f"--config.data.source=latents --config.data.path={FLAGS.out}")

@@ -29,6 +29,16 @@ def default_config() -> ml_collections.ConfigDict:
     # A frozen VAE model bundle: images are encoded on the fly and previews decoded ("" = none:
     # latents come from a latent cache, or diffusion runs in pixel space).
     config.vae = ml_collections.ConfigDict(dict(path=""))
+    # text_conditioning.py: captions/prompts -> a frozen CLIP text encoder -> the DiT's context/pooled
+    # (model.context_dim / pooled_dim = its width); caption dropout: model.class_dropout_prob.
+    config.text = ml_collections.ConfigDict(
+        dict(
+            encoder_path="",  # CLIPTextEncoder bundle or transformers CLIPTextModel folder ("" = none)
+            tokenizer_path="",  # CLIP tokenizer folder (vocab.json + merges.txt)
+            max_length=77,  # tokens per caption (bos + text + eos; longer ones truncated, with a warning)
+            skip_last_layers=0,  # diffusers' clip_skip
+        )
+    )
     # training/steps.py: DiffusionObjective.
     config.diffusion = ml_collections.ConfigDict(
         dict(
@@ -82,7 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
             guidance_scale=1.0,  # classifier-free guidance scale (1 = off)
             guidance_interval=(0.0, 1.0),  # guide where t/T lies in [lo, hi]
             guided_channels=ml_collections.config_dict.placeholder(int),  # guide the first k (None = all)
-            grid_rows=8, grid_cols=8,  # the PNG grid: row r shows class r (mod num_classes)
+            grid_rows=8, grid_cols=8,  # the PNG grid: row r shows class r / prompt r (mod their number)
+            prompts=(),  # text-conditioned models: sample i uses prompt i mod len (CLI: --prompt, repeated)
+            prompts_file="",  # or one prompt per line of this file
             # `ldm-jax sample` (ldm_jax/sampling.py):
             model_path="",  # DiT model bundle ("" = <workdir>/model, what `train` exports)
             num_samples=0,  # samples in the .npz (0 = the PNG grid only)

@@ -3,6 +3,8 @@
 `LatentDecoder` maps the denoiser's (normalised) latents back to images in [-1, 1]; with no VAE
 (pixel-space diffusion) it is the identity. `Generator` runs a sampler with classifier-free
 guidance and decodes, one jit per batch shape; the training previews and `ldm-jax sample` both use it.
+It conditions on class labels and/or text (already encoded: `text_conditioning`); the null
+condition of guidance is the null class and the empty caption's embedding.
 
 Per-sample randomness: sample i of a run with key K draws everything from
 `key_i = fold_in(K, i)`, split into (initial noise, sampler steps, label) keys (`sample_keys`);
@@ -25,6 +27,7 @@ from PIL import Image
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.guidance import Guidance
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+from ldm_jax.text_conditioning import text_keys
 
 LABEL_MODES = ("random", "balanced")
 
@@ -51,6 +54,16 @@ class LatentDecoder:
 def denoiser(model: Any, params: Any) -> Partial:
     """`denoise_fn(x, t, y)` for the samplers, with params as traced inputs (no recompiles)."""
     return Partial(lambda p, x, t, y: model.apply({"params": p}, x, t, y), params)
+
+
+def example_conditions(model: Any) -> dict[str, jax.Array] | None:
+    """Zeros shaped like the `y` a DiT takes (`model.condition_fields()`), batch 1 and one token,
+    for `model.init` / `jax.eval_shape`; None when it takes no condition."""
+    sizes = {"B": 1, "L": 1, "h": model.input_size, "w": model.input_size}
+    dtypes = {"label": jnp.int32, "context_mask": jnp.bool_}
+    conditions = {key: jnp.zeros([sizes.get(d, d) for d in dims], dtypes.get(key, jnp.float32))
+                  for key, (_, dims) in model.condition_fields().items()}
+    return conditions or None
 
 
 def sample_keys(key: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -85,10 +98,11 @@ def grid_labels(rows: int, cols: int, num_classes: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Generator:
-    """Per-sample keys + labels -> images: a DiT-like denoiser (`model(x, t, y)` with `input_size`,
-    `in_channels`, `num_classes`: y = labels [B], null class `num_classes`; num_classes = 0: an
-    unconditional model, y = None), its schedule, a sampler, classifier-free guidance and the latent
-    decoder. Hashable: it is the static part of one jitted program.
+    """Per-sample keys + conditions -> images: a DiT-like denoiser (`model(x, t, y)` with
+    `input_size`, `in_channels`, `num_classes`, `condition_fields()`: y = {"label": [B]} with the
+    null class `num_classes`, and/or the text conditions; y = None for an unconditional model), its
+    schedule, a sampler, classifier-free guidance and the latent decoder. Hashable: it is the static
+    part of one jitted program.
 
     guidance_scale 1 disables guidance; guidance_interval and guided_channels: see `Guidance`.
     """
@@ -106,10 +120,10 @@ class Generator:
         object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         if self.guided:
             self.guidance(null_cond=self.model.num_classes)  # validates the settings
-            if not (self.conditional and self.model.class_dropout_prob > 0):
+            if not ((self.conditional or self.text_keys) and self.model.class_dropout_prob > 0):
                 raise ValueError(f"guidance_scale={self.guidance_scale} needs a class-conditional model with a "
-                                 "null class (num_classes > 0, trained with class_dropout_prob > 0); use "
-                                 "guidance_scale=1")
+                                 "null class (num_classes > 0) or a text-conditioned one, trained with condition "
+                                 "dropout (class_dropout_prob > 0); use guidance_scale=1")
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], model: Any, schedule: DiscreteSchedule | FlowSchedule,
@@ -120,7 +134,13 @@ class Generator:
 
     @property
     def conditional(self) -> bool:
+        """Whether the model takes class labels."""
         return self.model.num_classes > 0
+
+    @property
+    def text_keys(self) -> tuple[str, ...]:
+        """The text conditions the model takes (none: not text-conditioned)."""
+        return text_keys(self.model)
 
     @property
     def guided(self) -> bool:
@@ -140,21 +160,32 @@ class Generator:
         return tuple(jax.eval_shape(self.decoder, vae_params, latents).shape[1:])
 
     def __call__(self, params: Any, vae_params: Any, key: jax.Array, indices: jax.Array,
-                 labels: jax.Array) -> jax.Array:
+                 labels: jax.Array, text: Mapping[str, jax.Array] | None = None,
+                 null_text: Mapping[str, jax.Array] | None = None) -> jax.Array:
         """key: the run's PRNG key (typed, or raw uint32 [2]); indices [B] int: the samples' global
-        indices; labels [B] int (ignored by an unconditional model) -> images [B, H, W, C] float32 in
-        [-1, 1]. Inputs may be sharded over the batch (params by the logical rules); the output is
-        sharded like `indices`."""
-        return _generate(self, params, vae_params, key, indices, labels)
+        indices; labels [B] int (ignored by a model without classes); text: a text-conditioned
+        model's conditions `{key: [B, ...]}` (`text_keys`), null_text: the empty caption's (no batch
+        axis; needed when guided) -> images [B, H, W, C] float32 in [-1, 1]. Inputs may be sharded
+        over the batch (params by the logical rules); the output is sharded like `indices`."""
+        if self.text_keys and (text is None or sorted(text) != sorted(self.text_keys)):
+            raise ValueError(f"the DiT takes text {list(self.text_keys)}; got {None if text is None else sorted(text)}")
+        if self.text_keys and self.guided and null_text is None:
+            raise ValueError("guidance of a text-conditioned DiT needs null_text, the empty caption's embedding")
+        return _generate(self, params, vae_params, key, indices, labels, text, null_text)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _generate(generator: Generator, params, vae_params, key, indices, labels):
+def _generate(generator: Generator, params, vae_params, key, indices, labels, text, null_text):
     noise_keys, step_keys, _ = sample_keys(key, indices)
     noise = jax.vmap(lambda k: jax.random.normal(k, generator.latent_shape))(noise_keys)
-    guidance = generator.guidance(jnp.int32(generator.model.num_classes)) if generator.guided else None
-    cond = labels if generator.conditional else None
-    latents = samplers.sample(denoiser(generator.model, params), noise, cond, schedule=generator.schedule,
+    cond, null = {}, {}
+    if generator.conditional:
+        cond["label"], null["label"] = labels, jnp.int32(generator.model.num_classes)
+    if generator.text_keys:
+        cond.update(text)
+        null.update(null_text or {})
+    guidance = generator.guidance(null) if generator.guided else None
+    latents = samplers.sample(denoiser(generator.model, params), noise, cond or None, schedule=generator.schedule,
                               config=generator.sampler, key=step_keys, guidance=guidance)
     return generator.decoder(vae_params, latents)
 

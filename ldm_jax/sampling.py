@@ -3,8 +3,10 @@ over every device of every host, resumable, every sample reproducible on its own
 
     <out_dir>/protocol.json   everything that determines the samples (written first)
     <out_dir>/grid.png        sample.grid_rows x grid_cols; row r shows class r mod num_classes
+                              (text-conditioned models: prompt r mod the number of prompts)
     <out_dir>/samples.npz     sample.num_samples > 0: arr_0 uint8 [N, H, W, 3], arr_1 int32 labels [N]
-                              (class-conditional models; ADM's convention)
+                              (class-conditional models; ADM's convention), or for text-conditioned
+                              models the index of each sample's prompt
     <out_dir>/chunks/<start>-<end>.npz   while sampling: images, labels, indices of [start, end)
 
 Sample i draws all its randomness from `fold_in(PRNGKey(sample.seed), i)` (`generation.Generator`)
@@ -20,6 +22,11 @@ The model is the bundle at sample.model_path (default `<workdir>/model`, what `t
 `model` config section is not used); the schedule comes from `diffusion`, the sampler and guidance
 from `sample`, the decoder from `vae.path` (none: pixel space). Parameters are laid out on the mesh
 by the logical axis rules; only process 0 writes files.
+
+Text-conditioned models: sample i uses prompt i mod P of sample.prompts (the CLI's --prompt) or of
+sample.prompts_file, encoded by the frozen text encoder of the `text` section; guidance pairs it with
+the empty caption. The protocol records the prompts (or the file's path and sha256), the tokenizer's
+and the encoder's weights' sha256 and the text settings.
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import ldm_jax
-from ldm_jax import generation
+from ldm_jax import generation, text_conditioning
 from ldm_jax.models import serialization
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import partitioning
@@ -51,7 +58,7 @@ SAMPLES_FILE = "samples.npz"
 PROTOCOL_FILE = "protocol.json"
 GRID_FILE = "grid.png"
 # Protocol fields that may change between a run and its restart: the weights' hashes cover them.
-_MOVABLE_FIELDS = ("model_path", "vae.path")
+_MOVABLE_FIELDS = ("model_path", "vae.path", "text.encoder_path", "text.tokenizer_path", "text.prompts_file")
 # Fixed zip member timestamps: the same samples give a byte-identical samples.npz.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -70,12 +77,12 @@ def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[s
     if settings.batch_size % num_shards:
         raise ValueError(f"sample.batch_size={settings.batch_size} must be divisible by the {num_shards} batch "
                          f"shards (mesh axes {' x '.join(mesh_lib.BATCH_AXES)})")
-    generator, params, vae_params, protocol = _load(config, workdir, mesh)
+    generator, params, vae_params, prompts, protocol = _load(config, workdir, mesh)
     _claim(out_dir, protocol)
-    sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh)
+    sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh, prompts)
 
     rows, cols = settings.grid_rows, settings.grid_cols
-    grid = sample(np.arange(rows * cols), generation.grid_labels(rows, cols, generator.model.num_classes))
+    grid = sample(np.arange(rows * cols), generation.grid_labels(rows, cols, sample.num_conditions))
     outputs = {"grid": os.path.join(out_dir, GRID_FILE)}
     if _is_leader():
         generation.save_png(generation.image_grid(grid, rows), outputs["grid"])
@@ -106,8 +113,36 @@ def _check_class(module: Any, path: str, field: str, expected: str) -> None:
         raise ValueError(f"{field}={path} holds a {type(module).__name__} bundle; sampling needs a {expected}")
 
 
-def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, dict]:
-    """(generator, params laid out on the mesh, VAE params replicated, protocol)."""
+def _prompt_conditions(config: Any, model: Any, where: str) -> tuple[Any, dict | None]:
+    """(the prompts' conditions, their protocol) for a text-conditioned model; (None, None) otherwise.
+    ValueError for prompts given to a model without text, and for a model whose conditions
+    `ldm-jax sample` cannot supply (naming them)."""
+    fields = model.condition_fields()
+    keys = text_conditioning.text_keys(model)
+    unsupported = sorted(set(fields) - {"label", *text_conditioning.TEXT_KEYS})
+    if unsupported or (keys and model.num_classes):
+        raise ValueError(f"{where}: a DiT conditioned on {sorted(fields)}; `ldm-jax sample` samples class-conditional, "
+                         "text-conditioned and unconditional DiTs")
+    prompts, prompts_protocol = text_conditioning.prompts_from_config(config.sample)
+    if not keys:
+        if prompts:
+            name = "sample.prompts_file" if config.sample.get("prompts_file") else "--prompt / sample.prompts"
+            raise ValueError(f"{name}: {where} is not text-conditioned (it takes {sorted(fields) or 'no condition'}); "
+                             "sample it without prompts")
+        return None, None
+    loaded = text_conditioning.text_encoder_from_config(config.get("text"))
+    if loaded is None or not prompts:
+        raise ValueError(f"{where}: a DiT conditioned on {list(keys)} needs prompts (--prompt, sample.prompts or "
+                         "sample.prompts_file) and its text encoder (text.encoder_path, text.tokenizer_path)")
+    encoder, text_params = loaded
+    protocol = {**prompts_protocol, **encoder.describe(), "encoder_path": os.path.abspath(config.text.encoder_path),
+                "tokenizer_path": os.path.abspath(config.text.tokenizer_path),
+                "weights_sha256": params_sha256(text_params)}
+    return text_conditioning.PromptConditions(encoder, text_params, prompts, keys), protocol
+
+
+def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, Any, dict]:
+    """(generator, params laid out on the mesh, VAE params replicated, prompt conditions or None, protocol)."""
     settings = config.sample
     field = "sample.model_path" if settings.model_path else "sample.model_path (unset: <workdir>/model)"
     model_path = os.path.abspath(settings.model_path or os.path.join(workdir, "model"))
@@ -116,10 +151,7 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
         _require_bundle(os.path.abspath(config.vae.path), "vae.path")
     model, params, _ = serialization.load_model(model_path)
     _check_class(model, model_path, field, "DiT")
-    other_conditions = sorted(set(model.condition_fields()) - {"label"})
-    if other_conditions:
-        raise ValueError(f"{field}={model_path}: a DiT conditioned on {other_conditions}; `ldm-jax sample` "
-                         "samples class-conditional and unconditional DiTs")
+    prompts, text_protocol = _prompt_conditions(config, model, f"{field}={model_path}")
     weights_sha256 = params_sha256(params)
     params = _place(params, _param_shardings(model, mesh))
 
@@ -152,7 +184,9 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
         "image_shape": generator.image_shape(vae_params),
         "versions": {"ldm_jax": ldm_jax.__version__, "jax": jax.__version__},
     }
-    return generator, params, vae_params, json.loads(json.dumps(protocol))
+    if text_protocol is not None:
+        protocol["text"] = text_protocol
+    return generator, params, vae_params, prompts, json.loads(json.dumps(protocol))
 
 
 def _place(tree: Any, shardings: Any) -> Any:
@@ -163,9 +197,8 @@ def _place(tree: Any, shardings: Any) -> Any:
 def _param_shardings(model: Any, mesh: jax.sharding.Mesh) -> Any:
     """The parameters' layout on `mesh` from their logical axis names (`partitioning`)."""
     size = model.input_size
-    labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, model.in_channels)),
-                           jnp.zeros((1,)), labels)["params"]
+                           jnp.zeros((1,)), generation.example_conditions(model))["params"]
     return partitioning.state_shardings(boxed, mesh)
 
 
@@ -227,13 +260,23 @@ def _claim(out_dir: str, protocol: dict) -> None:
 
 class _BatchSampler:
     """(indices [n], labels [n]) numpy -> uint8 images [n, H, W, C] on every process, generated in
-    global batches of `batch_size` sharded over the mesh (a short last batch padded, then trimmed)."""
+    global batches of `batch_size` sharded over the mesh (a short last batch padded, then trimmed).
+    With `prompts` (a text-conditioned model), the labels are prompt indices."""
 
-    def __init__(self, generator, params, vae_params, seed, batch_size, mesh):
+    def __init__(self, generator, params, vae_params, seed, batch_size, mesh, prompts=None):
         self.generator, self.params, self.vae_params = generator, params, vae_params
         self.batch_size, self.batch_sharding = batch_size, mesh_lib.batch_sharding(mesh)
         self.key = np.asarray(jax.random.PRNGKey(seed))  # raw uint32 [2], the same on every process
         self.global_key = _global(self.key, mesh_lib.replicated(mesh))
+        self.prompts = prompts
+        self.null_text = None
+        if prompts is not None:
+            self.null_text = {k: _global(v, mesh_lib.replicated(mesh)) for k, v in prompts.null().items()}
+
+    @property
+    def num_conditions(self) -> int:
+        """What a label indexes: the prompts of a text-conditioned model, else the classes (0: none)."""
+        return len(self.prompts.prompts) if self.prompts is not None else self.generator.model.num_classes
 
     def __call__(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
         out = []
@@ -241,7 +284,11 @@ class _BatchSampler:
             n = min(self.batch_size, len(indices) - start)
             padded = [np.pad(a[start:start + n], (0, self.batch_size - n), mode="edge") for a in (indices, labels)]
             index_array, label_array = (_global(a.astype(np.int32), self.batch_sharding) for a in padded)
-            images = self.generator(self.params, self.vae_params, self.global_key, index_array, label_array)
+            text = None
+            if self.prompts is not None:
+                text = {k: _global(v, self.batch_sharding) for k, v in self.prompts(padded[1]).items()}
+            images = self.generator(self.params, self.vae_params, self.global_key, index_array, label_array, text,
+                                    self.null_text)
             out.append(generation.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:n]))
         return np.concatenate(out)
 
@@ -296,7 +343,8 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     """Generates the chunks not yet on disk, then assembles samples.npz; returns its path."""
     path = os.path.join(out_dir, SAMPLES_FILE)
     num_samples, image_shape = settings.num_samples, tuple(protocol["image_shape"])
-    complete = functools.partial(_complete, path, num_samples, image_shape, sample.generator.conditional)
+    labelled = sample.num_conditions > 0
+    complete = functools.partial(_complete, path, num_samples, image_shape, labelled)
     ranges = _chunk_ranges(num_samples, settings.batch_size)
     todo = np.zeros(len(ranges), bool)
     if _is_leader() and not complete():
@@ -309,8 +357,9 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     for k in np.flatnonzero(todo):
         start, end = ranges[k]
         indices = np.arange(start, end)
-        labels = generation.sample_labels(sample.key, np.arange(start, start + settings.batch_size), settings.labels,
-                                          sample.generator.model.num_classes)[:end - start]  # one shape: one compile
+        mode = "balanced" if sample.prompts is not None else settings.labels  # prompt i mod P
+        labels = generation.sample_labels(sample.key, np.arange(start, start + settings.batch_size), mode,
+                                          sample.num_conditions)[:end - start]  # one shape: one compile
         images = sample(indices, labels)
         if _is_leader():
             _write_atomic(_chunk_path(out_dir, start, end),
@@ -322,7 +371,7 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     multihost_utils.sync_global_devices("ldm_jax.sample.chunks")
     if _is_leader():
         if not complete():
-            _assemble(out_dir, ranges, image_shape, sample.generator.conditional, path)
+            _assemble(out_dir, ranges, image_shape, labelled, path)
         shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
     multihost_utils.sync_global_devices("ldm_jax.sample.assembled")
     return path

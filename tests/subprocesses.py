@@ -23,12 +23,17 @@ TINY = [
 ]
 
 
-def load_config(name, *args):
-    """configs/<name>.py's get_config(*args), as `--config=configs/<name>.py` loads it."""
+def load_config_module(name):
+    """The module configs/<name>.py, loaded from its path as `--config=configs/<name>.py` does."""
     spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(*args)
+    return module
+
+
+def load_config(name, *args):
+    """configs/<name>.py's get_config(*args)."""
+    return load_config_module(name).get_config(*args)
 
 
 def train_command(workdir, *overrides):

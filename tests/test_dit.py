@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.models.dit import DIT_PRESETS, REMAT_POLICIES, DiT, DiTBlock, dit_preset, drop_labels
+from ldm_jax.models.dit import DIT_PRESETS, REMAT_POLICIES, DiT, DiTBlock, dit_preset
 from ldm_jax.models.layers import sincos_pos_embed_2d, timestep_embedding
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel.partitioning import LOGICAL_AXIS_RULES, logical_specs, mesh_shardings
@@ -227,16 +227,6 @@ def test_timestep_embedding_frequency_divisor():
             rtol=1e-5,
             atol=1e-6,
         )
-
-
-def test_drop_labels():
-    y = jnp.arange(1000) % 10
-    key = jax.random.key(3)
-    np.testing.assert_array_equal(drop_labels(key, y, 0.0, 10), y)
-    np.testing.assert_array_equal(drop_labels(key, y, 1.0, 10), 10)
-    dropped = np.asarray(drop_labels(key, y, 0.25, 10))
-    assert 0.2 < np.mean(dropped == 10) < 0.3
-    np.testing.assert_array_equal(dropped[dropped != 10], np.asarray(y)[dropped != 10])
 
 
 def test_mlp_norm_eps_is_used_before_the_mlp():

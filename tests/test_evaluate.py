@@ -6,10 +6,8 @@ the real one is; images are resized to 75 instead of 299 (3x3x7 spatial features
 matrix square roots stay small.
 """
 import hashlib
-import importlib.util
 import json
 import logging
-import os
 import subprocess
 import sys
 
@@ -27,7 +25,7 @@ from ldm_jax.evaluation.features import InceptionFeatures
 from ldm_jax.models.inception import InceptionV3
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import steps, tasks
-from subprocesses import ROOT, cpu_env
+from subprocesses import ROOT, cpu_env, load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 24 samples, 63-128 dims
 
@@ -250,15 +248,8 @@ def test_cli_reports_a_missing_weights_file_and_a_mistyped_field_in_one_line(ima
 # ----------------------------------------------------------------------------- the paper's config
 
 
-def load_eval_config():
-    spec = importlib.util.spec_from_file_location("dit_xl2_imagenet256_eval", EVAL_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def test_eval_config_pins_dits_protocol_and_builds():
-    config = load_eval_config()
+    config = load_config("dit_xl2_imagenet256_eval")
     model = tasks.dit_from_config(config.model)
     shape = (model.input_size, model.patch_size, model.in_channels, model.hidden_size, model.depth)
     assert shape == (32, 2, 4, 1152, 28)

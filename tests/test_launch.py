@@ -3,10 +3,8 @@ loop against a simulated gcloud, the SLURM / torchrun / explicit mappings of the
 launcher (and the sbatch script under a stand-in srun), the real-run configs, and
 docs/capacity.md against launch/capacity.py."""
 import importlib.metadata
-import importlib.util
 import io
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
@@ -17,7 +15,8 @@ import jax
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from subprocesses import ROOT, load_config_module
+
 if str(ROOT) not in sys.path:  # launch/ is not an installed package; it runs from the repository root
     sys.path.insert(0, str(ROOT))
 
@@ -435,13 +434,6 @@ def test_slurm_sbatch_script(tmp_path):
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def load_config_module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", ["dit_xl2_imagenet256", "vae_imagenet256"])

@@ -1,11 +1,9 @@
 """`ldm-jax sample` (ldm_jax/sampling.py, generation.Generator): per-sample reproducibility, 8 devices
 vs 1, a killed run resumed to a byte-identical .npz, the protocol and its checks."""
 import json
-import runpy
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +16,8 @@ from ldm_jax.models.dit import DiT
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import steps, tasks
-from subprocesses import ROOT, cpu_env, run_python_hosts, wait_for
+from bundles import random_params
+from subprocesses import ROOT, cpu_env, load_config, run_python_hosts, wait_for
 
 # Stochastic sampler, learned variance, guidance with an interval and a channel subset, a padded last
 # chunk (52 = 6 x 8 + 4): every path of the sampling program. 50 steps: a chunk takes long enough
@@ -31,17 +30,10 @@ DIFFUSION = dict(prediction="epsilon", beta_schedule="linear")
 
 def _config(out_dir, model_path, **sample):
     """configs/dit_digits.py (as the CLI reads it) with DIFFUSION, SAMPLE and `sample` overrides."""
-    config = runpy.run_path(str(ROOT / "configs" / "dit_digits.py"))["get_config"]()
+    config = load_config("dit_digits")
     config.diffusion.update(**DIFFUSION)
     config.sample.update(**{**SAMPLE, **sample, "out_dir": str(out_dir), "model_path": str(model_path)})
     return config
-
-
-def _random_params(module, *inputs):
-    """Random float32 params (std 0.05: outputs of order 1) with the module's tree, without compiling its init."""
-    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"])
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def bundle(tmp_path_factory):
     """A tiny pixel-space DiT bundle: (path, module, params)."""
     model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=10,
                 learn_sigma=True)
-    params = _random_params(model, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
+    params = random_params(model, jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))
     path = tmp_path_factory.mktemp("bundle") / "model"
     serialization.save_model(path, model, params)
     return path, model, params
@@ -202,10 +194,10 @@ def test_guidance_needs_a_null_class(num_classes, class_dropout_prob):
                                          tasks.sampler_from_config(config.sample, objective))
 
 
-def test_text_conditioned_models_are_refused(tmp_path):
+def test_text_models_without_prompts_or_encoder_are_refused(tmp_path):
     model = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4, num_classes=0,
                 context_dim=8)
-    serialization.save_model(tmp_path / "model", model, _random_params(
+    serialization.save_model(tmp_path / "model", model, random_params(
         model, jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)), {"context": jnp.zeros((1, 2, 8))}))
     with pytest.raises(ValueError, match=r"a DiT conditioned on \['context', 'context_mask'\]"):
         sampling.sample_from_config(_config(tmp_path, tmp_path / "model"), str(tmp_path))
@@ -225,9 +217,9 @@ def test_missing_bundle_is_a_one_line_cli_error(tmp_path):
 def test_unconditional_latent_model_through_a_vae(tmp_path):
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                         scaling_factor=0.5, shift_factor=0.1)
-    serialization.save_model(tmp_path / "vae", vae, _random_params(vae, jnp.zeros((1, 8, 8, 3))))
+    serialization.save_model(tmp_path / "vae", vae, random_params(vae, jnp.zeros((1, 8, 8, 3))))
     model = DiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=4, num_classes=0)
-    serialization.save_model(tmp_path / "model", model, _random_params(model, jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,))))
+    serialization.save_model(tmp_path / "model", model, random_params(model, jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,))))
     config = _config("", "", sampler="ddim", num_steps=2, num_samples=5, guidance_scale=1.0)
     config.vae.path = str(tmp_path / "vae")
     outputs = sampling.sample_from_config(config, str(tmp_path))

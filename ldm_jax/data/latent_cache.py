@@ -7,6 +7,11 @@ posterior of the mirrored image, so the flip augmentation survives caching (the 
 of the two at random). Per-channel sums are kept per shard for "channel" normalisation. The file
 format and the reader are in `sources.py` (`LatentSource`).
 
+Given a text encoder (`text_conditioning.text_encoder_from_config(config.text)`), each caption's
+text embeddings ("context" [L, D], "context_mask" [L], "pooled" [D]) are cached in its record too,
+and the empty caption's beside them (`sources.EMPTY_CAPTION`): training on the cache then never
+runs the text encoder, and its caption dropout uses the same encoder's empty caption.
+
 Resumable and multi-host: shard k holds examples [k * shard_size, (k + 1) * shard_size) and is
 written by process k % process_count, first under a temporary name, renamed when complete. A rerun
 skips finished shards and rewrites unfinished ones (a killed run leaves only a `.tmp` file).
@@ -25,7 +30,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from ldm_jax.data import pipeline
@@ -55,6 +60,28 @@ def _encode_variants(encode_fn: EncodeFn, flip: bool, images: jax.Array) -> tupl
     variants = [images, transforms.hflip(images)] if flip else [images]
     moments = [posterior_moments(encode_fn, v) for v in variants]
     return jnp.stack([m for m, _ in moments], axis=1), jnp.stack([s for _, s in moments], axis=1)
+
+
+def _encode_batch(encode_fn: EncodeFn, flip: bool, encode_text: Callable | None, images: jax.Array,
+                  tokens: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, jax.Array, dict]:
+    """(mean, std) of `_encode_variants`, and the text conditions of tokens (ids, mask) `[B, L]`."""
+    mean, std = _encode_variants(encode_fn, flip, images)
+    return mean, std, (encode_text(*tokens) if encode_text is not None else {})
+
+
+def _stored(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Floating-point arrays in the cache's dtype; others (masks) as they are."""
+    return array.astype(dtype) if array.dtype.kind == "f" else array
+
+
+def _write_empty_caption(out_dir: str, text: tuple[Any, Any], dtype: str) -> None:
+    """The empty caption's text conditions (in the stored dtype, as the cached ones) -> EMPTY_CAPTION."""
+    encoder, params = text
+    null = {k: _stored(v, dtype) for k, v in encoder.null_condition(params).items()}
+    path = os.path.join(out_dir, sources.EMPTY_CAPTION)
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **null)
+    os.replace(path + ".tmp", path)
 
 
 class _WithIndex(grain.transforms.MapWithIndex):
@@ -88,8 +115,12 @@ def _write_json_atomic(path: str, content: Any) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _check_or_write_meta(out_dir: str, meta: dict[str, Any], process_index: int) -> None:
-    """Writes meta.json (process 0), or checks that an existing cache was made the same way."""
+def _check_or_write_meta(
+    out_dir: str, meta: dict[str, Any], process_index: int, write_first: Callable[[], None] | None = None
+) -> None:
+    """Writes meta.json (process 0), or checks that an existing cache was made the same way.
+
+    `write_first()` runs just before a new meta.json is written (files the meta vouches for)."""
     path = os.path.join(out_dir, sources.LATENT_META)
     if os.path.isfile(path):
         old = sources.read_latent_meta(out_dir)
@@ -101,6 +132,8 @@ def _check_or_write_meta(out_dir: str, meta: dict[str, Any], process_index: int)
                 "use another output folder"
             )
     elif process_index == 0:
+        if write_first is not None:
+            write_first()
         _write_json_atomic(path, meta)
 
 
@@ -151,6 +184,7 @@ def cache_latents(
     process_index: int | None = None,
     process_count: int | None = None,
     log_every_s: float = 30.0,
+    text: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Encodes every example of `source` and writes the latent cache to `out_dir`; returns its meta.
 
@@ -170,6 +204,8 @@ def cache_latents(
       process_index, process_count: which shards this host writes (k % count == index); default
         `jax.process_index()` / `jax.process_count()`.
       log_every_s: seconds between progress lines.
+      text: (`text_conditioning.TextEncoder`, its params): also cache each caption's text
+        embeddings (the source must give captions) and the empty caption's (module docstring).
     """
     if image_size % downsample_factor:
         raise ValueError(
@@ -188,18 +224,28 @@ def cache_latents(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
 
+    first = source[0]
+    encode_text, text_meta, text_length = None, None, 0
+    if text is not None:
+        if "caption" not in first:
+            raise ValueError(f"text.encoder_path: {source!r} gives no captions to encode (image folders with .txt "
+                             "files, data.caption_key for TFDS, or data.caption_template)")
+        encoder, text_params = text
+        replicated = NamedSharding(sharding.mesh, PartitionSpec())
+        encode_text = functools.partial(encoder, jax.device_put(text_params, replicated))
+        text_meta, text_length = encoder.describe(), encoder.max_length
     encode = jax.jit(
-        functools.partial(_encode_variants, encode_fn, flip), in_shardings=sharding, out_shardings=sharding
+        functools.partial(_encode_batch, encode_fn, flip, encode_text), in_shardings=sharding, out_shardings=sharding
     )
     image_shape = (image_size, image_size, 3)
-    latent = encode.eval_shape(jax.ShapeDtypeStruct((batch_size,) + image_shape, jnp.float32))[0]
+    tokens_struct = None if text is None else (jax.ShapeDtypeStruct((batch_size, text_length), jnp.int32),) * 2
+    latent = encode.eval_shape(jax.ShapeDtypeStruct((batch_size,) + image_shape, jnp.float32), tokens_struct)[0]
     latent_size = image_size // downsample_factor
     if latent.shape[2:4] != (latent_size, latent_size):
         raise ValueError(
             f"encode_fn maps {image_size}x{image_size} images to latents {latent.shape[2:]}, not "
             f"{latent_size}x{latent_size} (downsample_factor={downsample_factor})"
         )
-    first = source[0]
     class_names = getattr(source, "class_names", None)
     sizes = sources.latent_shard_sizes(len(source), shard_size)
     meta = {
@@ -214,10 +260,12 @@ def cache_latents(
         "dtype": dtype,
         "fields": [f for f in ("label", "caption") if f in first],
         "class_names": list(class_names) if class_names else None,
+        "text": text_meta,
         "source": repr(source),
     }
     os.makedirs(out_dir, exist_ok=True)
-    _check_or_write_meta(out_dir, meta, process_index)
+    write_first = None if text is None else functools.partial(_write_empty_caption, out_dir, text, dtype)
+    _check_or_write_meta(out_dir, meta, process_index, write_first)
 
     paths = [sources.latent_shard_path(out_dir, k, len(sizes)) for k in range(len(sizes))]
     mine = [k for k in range(len(sizes)) if k % process_count == process_index]
@@ -237,15 +285,22 @@ def cache_latents(
     done, start, last_log = 0, time.time(), time.time()
     for _ in range(steps):
         batch = next(batches, None)
-        images = np.zeros((per_host,) + image_shape, np.float32)
+        inputs = {"image": np.zeros((per_host,) + image_shape, np.float32)}
+        if text is not None:
+            inputs.update({name: np.zeros((per_host, text_length), np.int32) for name in ("ids", "mask")})
         valid = 0 if batch is None else len(batch["index"])
         if batch is not None:
-            images[:valid] = batch["image"]
-        global_images = pipeline.to_global({"image": images}, sharding)["image"]
-        moments = multihost_utils.global_array_to_host_local_array(
-            encode(global_images), sharding.mesh, (sharding.spec, sharding.spec)
+            inputs["image"][:valid] = batch["image"]
+            if text is not None:
+                inputs["ids"][:valid], inputs["mask"][:valid] = text[0].tokenize([str(c) for c in batch["caption"]])
+        inputs = pipeline.to_global(inputs, sharding)
+        tokens = None if text is None else (inputs["ids"], inputs["mask"])
+        outputs = encode(inputs["image"], tokens)
+        outputs = multihost_utils.global_array_to_host_local_array(
+            outputs, sharding.mesh, jax.tree.map(lambda _: sharding.spec, outputs)
         )
-        mean, std = (np.asarray(m)[:valid].astype(dtype) for m in moments)
+        mean, std = (np.asarray(m)[:valid].astype(dtype) for m in outputs[:2])
+        embeddings = {k: np.asarray(v)[:valid] for k, v in outputs[2].items()}
         for row in range(valid):
             index = int(batch["index"][row])
             shard = index // shard_size
@@ -253,6 +308,7 @@ def cache_latents(
                 writers[shard] = _ShardWriter(paths[shard])
             record = {"index": index, "mean": mean[row], "std": std[row]}
             record.update({f: batch[f][row].item() for f in meta["fields"]})
+            record.update({k: _stored(v[row], dtype) for k, v in embeddings.items()})
             writers[shard].write(record)
             if writers[shard].count == sizes[shard]:
                 writers.pop(shard).finish()

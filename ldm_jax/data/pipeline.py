@@ -24,8 +24,13 @@ run the same number of steps. With `num_epochs > 0` the stream ends after
 `num_epochs * len(source) // B` global batches; the remaining examples are not read.
 
 Batches: `{"image": float32 [B, S, S, 3] in [-1, 1], "label": int32 [B]}` for image sources,
-`{"latent": float32 [B, h, w, C], "label": int32 [B]}` for latent caches; captioned data carries
-`"caption"`, a host-local numpy array of this host's strings `[B / process_count]` (not a jax.Array).
+`{"latent": float32 [B, h, w, C], "label": int32 [B]}` for latent caches. Captions (image folders'
+.txt files, a TFDS text feature `data.caption_key`, or `data.caption_template` filled with class
+names) become, in this order of preference: the cached text embeddings of a latent cache made with
+a text encoder (`"context"` [B, L, D], `"context_mask"` [B, L] bool, `"pooled"` [B, D]); token ids
+`"input_ids"`, `"attention_mask"` int32 [B, L] when a tokenizer is given (`text.tokenizer_path`);
+else `"caption"`, a host-local numpy array of this host's strings `[B / process_count]` (not a
+jax.Array, so not a batch a jitted step takes).
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import numpy as np
 
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms
+from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.parallel import partitioning
 
 SOURCES = ("digits", "image_folder", "tfds", "latents")
@@ -57,6 +63,9 @@ def default_config() -> ml_collections.ConfigDict:
             split="train",
             image_key="image",  # TFDS feature names
             label_key="label",  # "" = unlabelled
+            caption_key="",  # TFDS text feature holding captions ("" = none)
+            caption_template="",  # captions from labels, e.g. "the digit {name}" ("" = none)
+            caption_class_names=(),  # the {name} of each class (() = the source's class names)
             image_size=32,  # images are center-cropped to image_size x image_size
             batch_size=64,  # GLOBAL batch, over all hosts
             seed=0,
@@ -94,25 +103,31 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def make_source(config: Any) -> Any:
-    """The random-access source a resolved `data` config names (see `sources`)."""
+    """The random-access source a resolved `data` config names (see `sources`), with captions from
+    `data.caption_template` when set."""
     if config.source == "digits":
-        return sources_lib.DigitsSource(config.split)
-    if config.source == "image_folder":
-        return sources_lib.ImageFolderSource(
+        source = sources_lib.DigitsSource(config.split)
+    elif config.source == "image_folder":
+        source = sources_lib.ImageFolderSource(
             config.path,
             check_images=config.check_images,
             strict=config.strict,
             num_threads=config.num_threads,
         )
-    if config.source == "tfds":
-        return sources_lib.TfdsSource(
+    elif config.source == "tfds":
+        source = sources_lib.TfdsSource(
             config.name,
             config.split,
             config.data_dir or None,
             image_key=config.image_key,
             label_key=config.label_key or None,
+            caption_key=config.caption_key or None,
         )
-    return sources_lib.LatentSource(config.path)
+    else:
+        source = sources_lib.LatentSource(config.path)
+    if config.caption_template:
+        source = sources_lib.LabelCaptions(source, config.caption_template, tuple(config.caption_class_names))
+    return source
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -184,6 +199,13 @@ def example_transform(config: Any, source: Any) -> tuple[Any, tuple[np.ndarray, 
     return transforms.CropFlipToUnitRange(config.image_size, config.random_flip), None
 
 
+def caption_transform(text: Any) -> transforms.TokenizeCaption | None:
+    """The caption tokenizer of a `text` config section (None: no text.tokenizer_path)."""
+    if not text or not text.get("tokenizer_path"):
+        return None
+    return transforms.TokenizeCaption(CLIPTokenizer.from_folder(text["tokenizer_path"]), text.get("max_length", 77))
+
+
 def make_grain_dataset(
     config: Any,
     source: Sequence[dict[str, Any]],
@@ -192,12 +214,14 @@ def make_grain_dataset(
     per_host_batch: int,
     process_index: int,
     process_count: int,
+    tokenize: transforms.TokenizeCaption | None = None,
 ) -> grain.IterDataset:
     """This host's grain pipeline of numpy batches (see the module docstring for the stages).
 
     `transform`: a grain `RandomMap` applied per example (from `example_transform`).
     `process_index`: this host's slot in the global batch (`host_slot`), of `process_count`.
     The global batch is `per_host_batch * process_count`; only this host's examples are read.
+    `tokenize`: captions -> token ids, after `transform` (`caption_transform`).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
@@ -207,6 +231,8 @@ def make_grain_dataset(
     dataset = dataset.repeat(config.num_epochs or None)
     # After repeat, an element's index is its position in the global stream: it seeds the rng.
     dataset = dataset.random_map(transform)
+    if tokenize is not None:
+        dataset = dataset.map(tokenize)
     dataset = dataset.batch(per_host_batch, drop_remainder=True)
     # Whole global batches only, so every host yields the same number of batches.
     num_global = len(dataset) // process_count
@@ -271,13 +297,15 @@ class GlobalBatchIterator(Iterator[dict[str, Any]]):
         self.iterator.close()
 
 
-def make_pipeline(config: Any, sharding: NamedSharding) -> GlobalBatchIterator:
+def make_pipeline(config: Any, sharding: NamedSharding, text: Any = None) -> GlobalBatchIterator:
     """Global batches for the `data` config, laid out by `sharding` (e.g. `batch_sharding(mesh)`).
 
     Each host reads only its `batch_size / process_count` rows of every global batch (its
     `host_slot` of `jax.process_count()`); the global batches are those of a single process.
     With `num_workers > 0`, grain worker processes are spawned: absl flags must be parsed and the
     entry point guarded by `if __name__ == "__main__"`.
+    `text`: the config's `text` section; with text.tokenizer_path set, captions are tokenized to
+    text.max_length tokens (module docstring).
     """
     config = resolve_config(config)
     source = make_source(config)
@@ -291,6 +319,7 @@ def make_pipeline(config: Any, sharding: NamedSharding) -> GlobalBatchIterator:
         per_host_batch=per_host,
         process_index=host_slot(sharding, config.batch_size),
         process_count=process_count,
+        tokenize=caption_transform(text),
     )
     return GlobalBatchIterator(
         dataset, sharding, class_names=getattr(source, "class_names", None), latent_norm=latent_norm

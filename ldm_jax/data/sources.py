@@ -4,10 +4,12 @@ A source is a grain `RandomAccessDataSource` (`len(src)`, `src[i]`) of plain dic
 
   image sources   {"image": PIL image or uint8 array [H, W, 3], "label": int}  (or "caption": str)
   latent caches   {"mean": [V, h, w, C], "std": [V, h, w, C], "index": int, "label" / "caption"}
+                  (+ "context" [L, D], "context_mask" [L], "pooled" [D]: cached text embeddings)
 
 Images keep their stored size; `transforms.center_crop_arr` brings them to the training resolution.
-Labelled sources expose `class_names` (label i is `class_names[i]`). Nothing here downloads: TFDS
-datasets must be prepared beforehand, the digits ship inside scikit-learn's wheel.
+Labelled sources expose `class_names` (label i is `class_names[i]`); `LabelCaptions` gives them
+captions made from those names. Nothing here downloads: TFDS datasets must be prepared beforehand,
+the digits ship inside scikit-learn's wheel.
 """
 from __future__ import annotations
 
@@ -196,8 +198,8 @@ class TfdsSource:
     """A prepared TFDS dataset in array_record format, read through `builder.as_data_source`.
 
     Elements `{"image": uint8 [H, W, C], "label": int}` taken from the dataset's `image_key` /
-    `label_key` features (`label_key=None`: no label). Never downloads or prepares anything; needs
-    no tensorflow.
+    `label_key` features (`label_key=None`: no label), plus `"caption": str` from a text feature
+    `caption_key` when given. Never downloads or prepares anything; needs no tensorflow.
     """
 
     def __init__(
@@ -208,6 +210,7 @@ class TfdsSource:
         *,
         image_key: str = "image",
         label_key: str | None = "label",
+        caption_key: str | None = None,
     ):
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -238,13 +241,13 @@ class TfdsSource:
                 f"data.split={split!r} is not a split of TFDS {name!r}; splits: {splits}"
             ) from err
         features = builder.info.features
-        for key in (image_key, label_key):
+        for key in (image_key, label_key, caption_key):
             if key is not None and key not in features:
                 raise ValueError(f"TFDS {name!r} has no feature {key!r}; features: {sorted(features)}")
         label_feature = features[label_key] if label_key is not None else None
         self.class_names = tuple(label_feature.names) if hasattr(label_feature, "names") else None
         self.name, self.split = name, split
-        self._image_key, self._label_key = image_key, label_key
+        self._image_key, self._label_key, self._caption_key = image_key, label_key, caption_key
 
     def __len__(self) -> int:
         return len(self._source)
@@ -254,10 +257,48 @@ class TfdsSource:
         element = {"image": example[self._image_key]}
         if self._label_key is not None:
             element["label"] = int(example[self._label_key])
+        if self._caption_key is not None:
+            caption = example[self._caption_key]
+            element["caption"] = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
         return element
 
     def __repr__(self) -> str:
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, n={len(self)})"
+
+
+class LabelCaptions:
+    """A labelled source whose elements also get `"caption": template.format(name=class_names[label])`.
+
+    `class_names` default to the source's own (e.g. "the digit {name}" with names "zero".."nine"
+    gives "the digit seven" for label 7). Labels stay, so the captions stay tied to their classes.
+    """
+
+    def __init__(self, source: Any, template: str, class_names: tuple[str, ...] = ()):
+        names = tuple(class_names) or getattr(source, "class_names", None)
+        if not names:
+            raise ValueError(f"data.caption_template={template!r} makes captions from class names, but "
+                             f"{source!r} has none: set data.caption_class_names")
+        own = getattr(source, "class_names", None)
+        if own and len(names) != len(own):
+            raise ValueError(f"data.caption_class_names has {len(names)} names for the {len(own)} classes of "
+                             f"{source!r}")
+        try:
+            template.format(name=names[0])
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"data.caption_template={template!r} must be a format string whose only field is "
+                             f"{{name}} ({type(err).__name__}: {err})") from None
+        self.source, self.template, self.caption_names = source, template, names
+        self.class_names = own
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        element = self.source[index]
+        return {**element, "caption": self.template.format(name=self.caption_names[element["label"]])}
+
+    def __repr__(self) -> str:
+        return f"LabelCaptions({self.source!r}, template={self.template!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,11 +307,14 @@ class TfdsSource:
 #   <dir>/meta.json                                  what was cached and how (see cache_latents)
 #   <dir>/latents-00007-of-00042.array_record        one msgpack record per example
 #   <dir>/latents-00007-of-00042.array_record.json   that shard's per-channel sums (for stats)
+#   <dir>/empty_caption.npz                          with cached text embeddings: the empty
+#                                                    caption's context / context_mask / pooled
 #
 # A shard counts only when its file holds the expected number of records and its sums file
 # exists; writers produce both under temporary names and rename them when complete.
 # ---------------------------------------------------------------------------------------------
 LATENT_META = "meta.json"
+EMPTY_CAPTION = "empty_caption.npz"
 
 
 def latent_shard_path(cache_dir: str, shard: int, num_shards: int) -> str:
@@ -297,7 +341,8 @@ def latent_shard_complete(path: str, num_records: int) -> bool:
 
 
 def encode_latent_record(record: dict[str, Any]) -> bytes:
-    """A record `{"index": int, "mean": [V, h, w, C], "std": [V, h, w, C], "label" | "caption"}` -> bytes."""
+    """A record `{"index": int, "mean": [V, h, w, C], "std": [V, h, w, C], "label" | "caption"}`
+    (+ "context", "context_mask", "pooled") -> bytes."""
     return serialization.msgpack_serialize(record)
 
 
@@ -315,7 +360,9 @@ class LatentSource:
 
     `mean`/`std` are `[V, h, w, C]` in the stored dtype: variant 0 encodes the image, variant 1
     (present when cached with `flip=True`) its mirror. `meta` is the cache's meta.json;
-    `class_names` the label names saved with the cache (None for captioned data).
+    `class_names` the label names saved with the cache (None for captioned data). A cache made
+    with a text encoder (`meta["text"]`) also holds each caption's "context" [L, D], "context_mask"
+    [L] and "pooled" [D], and the empty caption's (`empty_caption()`).
     """
 
     def __init__(self, cache_dir: str):
@@ -337,6 +384,14 @@ class LatentSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return serialization.msgpack_restore(self._records[index])
+
+    def empty_caption(self) -> dict[str, np.ndarray]:
+        """The empty caption's cached text conditions (no batch axis); ValueError without text."""
+        if not self.meta.get("text"):
+            raise ValueError(f"latent cache {self.cache_dir!r} holds no text embeddings (it was made without "
+                             "text.encoder_path)")
+        with np.load(os.path.join(self.cache_dir, EMPTY_CAPTION)) as data:
+            return {key: data[key] for key in data.files}
 
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std `[C]` of latents z = mean + std * eps over the whole cache.

@@ -89,6 +89,8 @@ class LatentFromPosterior(grain.transforms.RandomMap):
     when `random_flip` (else variant 0, the unflipped image), draws `z = mean + std * eps` when
     `sample` (else the mode, `z = mean`), and returns `{"latent": float32 [h, w, C]}` plus the
     element's "label" / "caption", with `latent = (z - shift) * scale` (scalar or per-channel `[C]`).
+    Cached text embeddings come along (`cached_text`), and then stand for the caption, which is
+    left out.
     """
 
     sample: bool
@@ -103,5 +105,34 @@ class LatentFromPosterior(grain.transforms.RandomMap):
         if self.sample:
             z = z + std[variant].astype(np.float32) * rng.standard_normal(z.shape, np.float32)
         out = {k: v for k, v in element.items() if k in ("label", "caption")}
-        out["latent"] = normalize_latent(z, self.shift, self.scale)
+        text = cached_text(element)
+        if text:
+            out.pop("caption", None)
+        out.update(text, latent=normalize_latent(z, self.shift, self.scale))
         return out
+
+
+def cached_text(element: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A latent record's cached text embeddings, if any: "context" / "pooled" as float32 (from the
+    stored dtype), "context_mask" as bool."""
+    out = {k: np.asarray(element[k], np.float32) for k in ("context", "pooled") if k in element}
+    if "context_mask" in element:
+        out["context_mask"] = np.asarray(element["context_mask"], bool)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeCaption(grain.transforms.Map):
+    """`{"caption": str, ...}` -> `{"input_ids": int32 [L], "attention_mask": int32 [L], ...}`, the
+    caption encoded by a `CLIPTokenizer` to L = `max_length` tokens (and left out). Elements without
+    a caption pass unchanged."""
+
+    tokenizer: Any
+    max_length: int
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if "caption" not in element:
+            return element
+        out = {k: v for k, v in element.items() if k != "caption"}
+        ids, mask = self.tokenizer.encode([element["caption"]], self.max_length)
+        return {**out, "input_ids": ids[0], "attention_mask": mask[0]}

@@ -46,7 +46,8 @@ Classifier-free guidance: `Guidance.null_cond` has y's structure: "label": num_c
 class); "context" / "context_mask" / "pooled": the empty caption's embedding [L, Dc], mask [L] and
 pooled vector [Dp] (the model has no null token: caption dropout in training substitutes the same
 empty-caption embedding); "concat" / "noise_level": the conditional values themselves (they are
-not dropped). Label dropout is not done inside the model: the training step calls `drop_labels`.
+not dropped). Condition dropout is not done inside the model: the training step calls
+`ldm_jax.training.steps.drop_conditions`.
 
 Parameter layout (the converters in `ldm_jax.convert.dit` / `ldm_jax.convert.pixart` produce it):
 
@@ -102,12 +103,6 @@ REMAT_POLICIES = (
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
 )
-
-
-def drop_labels(key: jax.Array, y: jax.Array, prob: float, num_classes: int) -> jax.Array:
-    """Replaces each label by the null class `num_classes` with probability `prob`. y: [B] int."""
-    drop = jax.random.uniform(key, y.shape) < prob
-    return jnp.where(drop, num_classes, y)
 
 
 def _patch_bias_init(fan_in: int) -> nn.initializers.Initializer:

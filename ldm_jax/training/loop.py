@@ -87,7 +87,7 @@ def train(config: Any, workdir: str) -> TrainState:
     learning_rate = optimizers.learning_rate_schedule(config.optimizer)
     state, state_shardings = init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)
     frozen = jax.device_put(task.frozen, mesh_lib.replicated(mesh))
-    data = pipeline.make_pipeline(config.data, batch_sharding)
+    data = pipeline.make_pipeline(config.data, batch_sharding, text=config.get("text"))
 
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"),

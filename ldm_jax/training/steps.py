@@ -5,7 +5,8 @@
   gradients are not finite leaves the state untouched and reports `finite=False`, so the loop can
   stop with the last good state), the optax update and the EMA.
 * `DiffusionObjective` + `diffusion_loss_fn`: the denoiser's loss on a batch of latents (cached, or
-  encoded on the fly by a frozen VAE), with label dropout for classifier-free guidance.
+  encoded on the fly by a frozen VAE), conditioned on labels and/or text (cached embeddings, or
+  token ids encoded by a frozen text encoder), with condition dropout for classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import optax
 
 from ldm_jax.diffusion import objectives, schedules
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
-from ldm_jax.models.dit import drop_labels
+from ldm_jax.text_conditioning import TEXT_KEYS, text_keys
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -191,6 +192,47 @@ def objective_from_config(config: Mapping[str, Any], learn_sigma: bool) -> Diffu
     )
 
 
+def drop_conditions(key: jax.Array, cond: Mapping[str, jax.Array], null_cond: Mapping[str, Any],
+                    prob: float) -> dict[str, jax.Array]:
+    """Condition dropout for classifier-free guidance: ONE uniform draw per sample; where it falls
+    below `prob`, every condition named in `null_cond` takes its null value at once.
+
+    cond: {name: [B, ...]}; null_cond: {name: a value broadcastable to one sample's [...]} (DiT's
+    null class for "label", the empty caption's embedding for the text keys: the null condition
+    guidance pairs samples with).
+    """
+    batch = next(iter(cond.values())).shape[0]
+    drop = jax.random.uniform(key, (batch,)) < prob
+
+    def replace(value, null):
+        null = jnp.broadcast_to(jnp.asarray(null, value.dtype), value.shape)
+        return jnp.where(drop.reshape((-1,) + (1,) * (value.ndim - 1)), null, value)
+
+    return {name: replace(value, null_cond[name]) if name in null_cond else value for name, value in cond.items()}
+
+
+def batch_text(batch: Mapping[str, jax.Array], frozen: Any, model: nn.Module,
+               encode_text: Callable[[Any, jax.Array, jax.Array], dict] | None) -> dict[str, jax.Array]:
+    """The text conditions `model` takes, from the batch: its cached embeddings, or its token ids
+    through `encode_text(frozen["text_encoder"], input_ids, attention_mask)` (not differentiated)."""
+    keys = text_keys(model)
+    if any(k in batch for k in TEXT_KEYS):
+        text = batch
+    elif "input_ids" in batch and encode_text is not None:
+        text = jax.lax.stop_gradient(encode_text(frozen["text_encoder"], batch["input_ids"], batch["attention_mask"]))
+    else:
+        raise ValueError(
+            f"the DiT takes text ({', '.join(keys)}: model.context_dim={model.context_dim}, pooled_dim="
+            f"{model.pooled_dim}) but the batch has {sorted(batch)}: it needs cached text embeddings (a latent "
+            "cache made with text.encoder_path) or captions tokenized by text.tokenizer_path and encoded by "
+            "text.encoder_path"
+        )
+    missing = [k for k in keys if k not in text]
+    if missing:
+        raise ValueError(f"the batch's text embeddings lack {missing}, which the DiT takes")
+    return {k: text[k] for k in keys}
+
+
 def diffusion_loss_fn(
     params: Any,
     frozen: Any,
@@ -201,26 +243,38 @@ def diffusion_loss_fn(
     model: nn.Module,
     objective: DiffusionObjective,
     encode_images: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
+    encode_text: Callable[[Any, jax.Array, jax.Array], dict] | None = None,
 ) -> tuple[jax.Array, dict]:
     """The denoiser's loss on a batch.
 
     batch: {"latent": [B, h, w, C]} (already scaled), or {"image": [B, H, W, 3]} encoded by
-      `encode_images(frozen, images, key) -> scaled latents` (None: pixel-space diffusion on the
-      images themselves); plus "label": [B] int.
-    Labels are replaced by the null class with probability `model.class_dropout_prob`.
+      `encode_images(frozen["vae"], images, key) -> scaled latents` (None: pixel-space diffusion on
+      the images themselves); plus the conditions the model takes (`model.condition_fields()`):
+      "label" [B] int (num_classes > 0; ignored otherwise), and text (context_dim / pooled_dim):
+      cached "context" [B, L, Dc] / "context_mask" [B, L] / "pooled" [B, Dp], or "input_ids" and
+      "attention_mask" [B, L] encoded by `encode_text` (see `batch_text`).
+    frozen: what the loss reads but does not train, a dict: "vae" and "text_encoder" params for the
+      two encoders, "null_text": the empty caption's text conditions (one sample, no batch axis).
+    Condition dropout (`drop_conditions`): with probability `model.class_dropout_prob` a sample's
+    label becomes the null class and its text the empty caption, both at once.
     """
     dropout_key, encode_key, loss_key = jax.random.split(key, 3)
     if "latent" in batch:
         x0 = batch["latent"]
     elif encode_images is not None:
-        x0 = jax.lax.stop_gradient(encode_images(frozen, batch["image"], encode_key))
+        x0 = jax.lax.stop_gradient(encode_images(frozen["vae"], batch["image"], encode_key))
     else:  # pixel-space diffusion
         x0 = batch["image"]
-    labels = batch["label"]
-    if model.class_dropout_prob > 0:
-        labels = drop_labels(dropout_key, labels, model.class_dropout_prob, model.num_classes)
+    cond, null = {}, {}
+    if model.num_classes:
+        cond["label"], null["label"] = batch["label"], model.num_classes
+    if text_keys(model):
+        cond.update(batch_text(batch, frozen, model, encode_text))
+        null.update(frozen["null_text"])
+    if cond and model.class_dropout_prob > 0:
+        cond = drop_conditions(dropout_key, cond, null, model.class_dropout_prob)
 
     def denoise(x, t, y):
         return model.apply({"params": params}, x, t, y)
 
-    return objective.loss(denoise, x0, labels, loss_key)
+    return objective.loss(denoise, x0, cond or None, loss_key)

@@ -2,7 +2,8 @@
 
 A `Task` is all the loop needs to know about a model; the loop itself is model-agnostic.
   * "diffusion": a DiT on latents (cached, or images encoded on the fly by a frozen VAE bundle),
-    or on pixels when no VAE is configured.
+    or on pixels when no VAE is configured; conditioned on labels and/or text (captions embedded
+    by a frozen CLIP text encoder inside the step, or read from a latent cache's text embeddings).
   * "autoencoder": the KL-VAE with the LDM recipe (L1 + optional LPIPS + KL + PatchGAN hinge loss
     with the adaptive weight); params = {"autoencoder", "discriminator"}, one optimizer over both
     (the generator and discriminator losses touch disjoint parameters).
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import generation
+from ldm_jax import generation, text_conditioning
 from ldm_jax.convert.lpips import load_lpips_or_none
-from ldm_jax.data import pipeline, transforms
+from ldm_jax.data import pipeline, sources, transforms
 from ldm_jax.diffusion import samplers
 from ldm_jax.models import serialization
 from ldm_jax.models.discriminator import NLayerDiscriminator
@@ -88,37 +89,109 @@ def _encode_images(vae, scale, shift, vae_params, images, key):
     return scale_latents(posterior.sample(key), scale, shift)
 
 
+def _check_text_width(model: DiT, width: int, origin: str) -> None:
+    for field in ("context_dim", "pooled_dim"):
+        value = getattr(model, field)
+        if value is not None and value != width:
+            raise ValueError(f"model.{field}={value}, but the text embeddings of {origin} are {width} wide")
+
+
+def _cached_text(config: Any) -> dict[str, Any] | None:
+    """The text settings of the latent cache the data config names (None: no cached text)."""
+    if config.data.source != "latents":
+        return None
+    return sources.read_latent_meta(config.data.path).get("text")
+
+
+def _text_setup(
+    config: Any, model: DiT, frozen: dict[str, Any]
+) -> tuple[text_conditioning.TextEncoder | None, text_conditioning.PromptConditions | None]:
+    """For a text-conditioned DiT: puts the empty caption's embedding (and the text encoder's params,
+    when captions arrive as token ids) into `frozen`. Returns (the encoder the loss runs on token
+    ids, or None: cached embeddings; the preview prompts' conditions, or None: no previews)."""
+    keys = text_conditioning.text_keys(model)
+    loaded = text_conditioning.text_encoder_from_config(config.text)
+    if not keys:
+        if loaded is not None:
+            logging.warning("text.encoder_path is set, but the model takes no text (model.context_dim and "
+                            "pooled_dim are unset): captions are ignored")
+        return None, None
+    cached = _cached_text(config)
+    if cached is not None:
+        _check_text_width(model, cached["width"], f"the latent cache data.path={config.data.path}")
+        if config.text.max_length != cached["max_length"]:
+            raise ValueError(f"text.max_length={config.text.max_length}, but the latent cache data.path="
+                             f"{config.data.path} holds captions of {cached['max_length']} tokens")
+        if loaded is not None:  # previews encode prompts with it: it must be the cache's encoder
+            described = loaded[0].describe()
+            differing = sorted(k for k in described if described[k] != cached.get(k))
+            if differing:
+                raise ValueError(f"text.encoder_path / tokenizer_path differ from the text encoder the latent cache "
+                                 f"data.path={config.data.path} was made with (in {differing})")
+        null = sources.LatentSource(config.data.path).empty_caption()
+    elif loaded is None:
+        raise ValueError(f"the model takes text {list(keys)} (model.context_dim / pooled_dim): set "
+                         "text.encoder_path and text.tokenizer_path (captions are encoded on the fly), or "
+                         "train on a latent cache made with them (data.source='latents')")
+    else:
+        encoder, params = loaded
+        _check_text_width(model, encoder.width, f"text.encoder_path={config.text.encoder_path}")
+        frozen["text_encoder"] = params
+        null = encoder.null_condition(params)
+    frozen["null_text"] = {key: jnp.asarray(null[key]) for key in keys}
+    encode_text = loaded[0] if "text_encoder" in frozen else None
+    if not config.train.preview_every:
+        return encode_text, None
+    prompts, _ = text_conditioning.prompts_from_config(config.sample)
+    if loaded is None or not prompts:
+        raise ValueError(f"train.preview_every={config.train.preview_every}: previews of a text-conditioned model "
+                         "need prompts (sample.prompts or sample.prompts_file) and the text encoder "
+                         "(text.encoder_path, text.tokenizer_path); or set train.preview_every=0")
+    return encode_text, text_conditioning.PromptConditions(*loaded, prompts, keys)
+
+
 def diffusion_task(config: Any) -> Task:
     model = dit_from_config(config.model)
+    unsupported = sorted(set(model.condition_fields()) - {"label", *text_conditioning.TEXT_KEYS})
+    if unsupported:
+        raise ValueError(f"model: training on {unsupported} conditions (DiT.concat_channels / "
+                         "noise_level_conditioning) is not supported: the data pipeline does not provide them")
     objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
-    encode_images, frozen, decoder = None, None, generation.LatentDecoder()
+    encode_images, frozen, decoder = None, {}, generation.LatentDecoder()
     if config.vae.path:
-        vae, frozen, (shift, scale) = load_vae(config.vae.path)
+        vae, frozen["vae"], (shift, scale) = load_vae(config.vae.path)
         decoder = generation.LatentDecoder(vae, shift, scale)
         encode_images = functools.partial(_encode_images, vae, scale, shift)
     elif config.data.source != "latents":
         logging.info("no vae.path: diffusion runs in pixel space on %s images", config.data.source)
+    encode_text, prompts = _text_setup(config, model, frozen)
     sample_shape = (model.input_size, model.input_size, model.in_channels)
 
     def init_params(key):
-        return model.init(key, jnp.zeros((1,) + sample_shape), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
+        y = generation.example_conditions(model)
+        return model.init(key, jnp.zeros((1,) + sample_shape), jnp.zeros((1,)), y)["params"]
 
-    loss_fn = functools.partial(
-        steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images
-    )
+    loss_fn = functools.partial(steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images,
+                                encode_text=encode_text)
     # Previews sample as `ldm-jax sample` does (ldm_jax/sampling.py): same sampler, guidance and grid.
     generator = generation.Generator.from_config(
         config.sample, model, objective.schedule, sampler_from_config(config.sample, objective), decoder
     )
     rows, cols = config.sample.grid_rows, config.sample.grid_cols
-    labels = generation.grid_labels(rows, cols, model.num_classes)
+    labels = generation.grid_labels(rows, cols, model.num_classes)  # row r: class r and prompt r (mod their number)
+    text = prompts(generation.grid_labels(rows, cols, len(prompts.prompts))) if prompts else None
 
     def preview(params, frozen_params, key):
-        images = generator(params, frozen_params, key, np.arange(rows * cols), labels)
+        images = generator(params, frozen_params.get("vae"), key, np.arange(rows * cols), labels, text,
+                           frozen_params.get("null_text"))
         return generation.image_grid(generation.to_uint8(images), rows)
 
     def export(path, params):
-        serialization.save_model(path, model, params, metadata={"task": "diffusion"})
+        metadata = {"task": "diffusion"}
+        if text_conditioning.text_keys(model):
+            metadata["text"] = {k: config.text[k] for k in ("encoder_path", "tokenizer_path", "max_length",
+                                                            "skip_last_layers")}
+        serialization.save_model(path, model, params, metadata=metadata)
 
     return Task(model, init_params, loss_fn, frozen, preview, export)
 
