@@ -24,7 +24,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+    # nbclient + nbformat + ipykernel: tests/test_notebooks.py runs colab/sample.ipynb in a real kernel.
+    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     # Only for regenerating golden fixtures / optional side-by-side benchmarks. Never imported by
     # the package: checkpoints are read without torch (see ldm_jax/convert/torch_io.py).
     # 2.13.0 is a CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
