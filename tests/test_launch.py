@@ -436,7 +436,7 @@ def test_slurm_sbatch_script(tmp_path):
 # ----------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["dit_xl2_imagenet256", "vae_imagenet256"])
+@pytest.mark.parametrize("name", ["dit_xl2_imagenet256", "vae_imagenet256", "t2i_xl2_256"])
 def test_config_fits_the_slice_its_docstring_names(name):
     module = load_config_module(name)
     config = module.get_config()
@@ -463,6 +463,14 @@ def test_dit_xl2_config_is_the_paper_recipe():
     assert (config.optimizer.name, config.optimizer.learning_rate, config.optimizer.weight_decay,
             config.optimizer.schedule) == ("adamw", 1e-4, 0.0, "constant")
     assert (config.ema.decay, config.ema.warmup, config.train.num_steps) == (0.9999, False, 7_000_000)
+
+
+def test_t2i_config_is_a_text_conditioned_xl2():
+    config = load_config_module("t2i_xl2_256").get_config()
+    model = tasks.dit_from_config(config.model)
+    assert (model.hidden_size, model.depth, model.patch_size, model.adaln, model.num_classes) == (1152, 28, 2, "single", 0)
+    assert sorted(model.condition_fields()) == ["context", "context_mask"] and model.context_dim == 768
+    assert config.text.encoder_path and config.text.tokenizer_path and config.sample.prompts
 
 
 def test_vae_config_is_the_sd_f8_architecture():
