@@ -34,6 +34,11 @@ flags.DEFINE_string("model", "DiT-XL/2", "convert (dit_official): the preset of 
 flags.DEFINE_integer("image_size", 256, "convert (dit_official): the image resolution it was trained at.")
 flags.DEFINE_multi_string("prompt", [], "sample: a prompt for a text-conditioned model (repeat for more; "
                           "sample i uses prompt i mod their number); sets config.sample.prompts.")
+flags.DEFINE_string("image", None, "sample: the image to inpaint (with --mask) or to upscale; sets config.sample.image.")
+flags.DEFINE_string("mask", None, "sample: the inpainting mask (white = fill, black = keep), the image's size; "
+                    "sets config.sample.mask.")
+flags.DEFINE_enum("task", None, ("inpaint", "upscale"), "sample: the image task (default: what the checkpoint was "
+                  "trained for; inpaint when --mask is given); sets config.sample.task.")
 FLAGS = flags.FLAGS
 
 
@@ -67,6 +72,9 @@ def sample_command() -> None:
     _require("config", "workdir")
     if FLAGS.prompt:
         FLAGS.config.sample.prompts = tuple(FLAGS.prompt)
+    for name in ("image", "mask", "task"):
+        if FLAGS[name].value is not None:
+            FLAGS.config.sample[name] = FLAGS[name].value
     for name, path in sampling.sample_from_config(FLAGS.config, FLAGS.workdir).items():
         print(f"{name}: {path}")
 

@@ -39,6 +39,16 @@ def default_config() -> ml_collections.ConfigDict:
             skip_last_layers=0,  # diffusers' clip_skip
         )
     )
+    # image_conditioning.py: a DiT that inpaints (model.concat_channels = 1 + latent channels; masks
+    # from data.inpaint_masks) or upscales (concat_channels = 3, noise_level_conditioning=True).
+    config.image_task = ml_collections.ConfigDict(
+        dict(
+            kind="",  # "" (none) | "inpaint" | "upscale"
+            low_res_size=8,  # upscale: the low-res input's side in pixels (area-downsampled images)
+            max_noise_level=350,  # upscale: training augments the low-res input at levels U{0..max} of 1000
+            noise_level=20,  # upscale: the level sampling uses (sample.noise_level overrides)
+        )
+    )
     # training/steps.py: DiffusionObjective.
     config.diffusion = ml_collections.ConfigDict(
         dict(
@@ -102,6 +112,14 @@ def default_config() -> ml_collections.ConfigDict:
             labels="random",  # class of sample i: "random" (from its seed) | "balanced" (i mod classes)
             seed=0,  # sample i draws all its noise from fold_in(PRNGKey(seed), i)
             out_dir="",  # "" = <workdir>/samples
+            # Image tasks (CLI: --task, --image, --mask): every sample inpaints / upscales sample.image.
+            task="",  # "" = what the model was trained for (with a mask: inpaint) | "inpaint" | "upscale"
+            image="",  # the image to inpaint (the output's size) or to upscale (image_task.low_res_size)
+            mask="",  # inpaint: white (> 127) = fill, black = keep; the image's size
+            jump_length=10,  # inpaint: RePaint's resampling jumps (samplers.Inpainting)
+            jump_n_sample=ml_collections.config_dict.placeholder(int),  # None: 1 for trained inpainting, else 10
+            paste_known=True,  # inpaint: the output's known pixels are the input's (False: as decoded)
+            noise_level=ml_collections.config_dict.placeholder(int),  # upscale: None = image_task.noise_level
         )
     )
     # `ldm-jax evaluate` (ldm_jax/evaluation/): FID, sFID, IS, precision/recall of samples.

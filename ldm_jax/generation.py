@@ -4,7 +4,8 @@
 (pixel-space diffusion) it is the identity. `Generator` runs a sampler with classifier-free
 guidance and decodes, one jit per batch shape; the training previews and `ldm-jax sample` both use it.
 It conditions on class labels and/or text (already encoded: `text_conditioning`); the null
-condition of guidance is the null class and the empty caption's embedding.
+condition of guidance is the null class and the empty caption's embedding. Given an image (and a
+mask) it inpaints or upscales it (`image_conditioning`; any model inpaints training-free by RePaint).
 
 Per-sample randomness: sample i of a run with key K draws everything from
 `key_i = fold_in(K, i)`, split into (initial noise, sampler steps, label) keys (`sample_keys`);
@@ -27,6 +28,8 @@ from PIL import Image
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.guidance import Guidance
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+from ldm_jax.image_conditioning import ImageTask, hole_on_grid, inpaint_conditions, upscale_conditions
+from ldm_jax.models.vae import scale_latents
 from ldm_jax.text_conditioning import text_keys
 
 LABEL_MODES = ("random", "balanced")
@@ -49,6 +52,14 @@ class LatentDecoder:
             return jnp.clip(latents, -1.0, 1.0)
         z = latents / jnp.asarray(self.scale, latents.dtype) + jnp.asarray(self.shift, latents.dtype)
         return jnp.clip(self.vae.apply({"params": vae_params}, z, method=self.vae.decode), -1.0, 1.0)
+
+    def encode(self, vae_params: Any, images: jax.Array) -> jax.Array:
+        """The inverse: images [B, H, W, 3] in [-1, 1] -> normalised latents [B, h, w, C] (the
+        posterior's mode); in pixel space the images themselves."""
+        if self.vae is None:
+            return images
+        posterior = self.vae.apply({"params": vae_params}, images, method=self.vae.encode)
+        return scale_latents(posterior.mode(), self.scale, self.shift)
 
 
 def denoiser(model: Any, params: Any) -> Partial:
@@ -105,6 +116,13 @@ class Generator:
     part of one jitted program.
 
     guidance_scale 1 disables guidance; guidance_interval and guided_channels: see `Guidance`.
+    image_task: what the model was trained to take as `y["concat"]` / `y["noise_level"]`
+      (`image_conditioning.ImageTask`; None: nothing): called with the images to inpaint or upscale.
+    jumps: (jump_length, jump_n_sample) of the known-region replacement when inpainting (RePaint,
+      `samplers.Inpainting`): any model inpaints so, a trained inpainting model with (·, 1) (its
+      concat conditions do the work; the replacement keeps the known latents exact).
+    paste_known: when inpainting, the output's known pixels are the input's (diffusers'
+      `apply_overlay`); False: as decoded (the decoder blends the hole into its surroundings).
     """
 
     model: Any
@@ -114,6 +132,9 @@ class Generator:
     guidance_scale: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
     guided_channels: int | None = None
+    image_task: ImageTask | None = None
+    jumps: tuple[int, int] = (10, 10)
+    paste_known: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
@@ -127,10 +148,17 @@ class Generator:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], model: Any, schedule: DiscreteSchedule | FlowSchedule,
-                    sampler: samplers.SamplerConfig, decoder: LatentDecoder = LatentDecoder()) -> "Generator":
-        """With the guidance fields of a `sample` config section."""
+                    sampler: samplers.SamplerConfig, decoder: LatentDecoder = LatentDecoder(),
+                    image_task: ImageTask | None = None) -> "Generator":
+        """With the guidance and inpainting fields of a `sample` config section (sample.noise_level,
+        when set, replaces the image task's)."""
+        trained_inpainting = image_task is not None and image_task.kind == "inpaint"
+        jump_n_sample = config.get("jump_n_sample") or (1 if trained_inpainting else 10)
+        if image_task is not None and image_task.kind == "upscale" and config.get("noise_level") is not None:
+            image_task = dataclasses.replace(image_task, noise_level=config.get("noise_level"))
         return cls(model, schedule, sampler, decoder, config.get("guidance_scale", 1.0),
-                   config.get("guidance_interval", (0.0, 1.0)), config.get("guided_channels"))
+                   config.get("guidance_interval", (0.0, 1.0)), config.get("guided_channels"), image_task,
+                   (config.get("jump_length", 10), jump_n_sample), config.get("paste_known", True))
 
     @property
     def conditional(self) -> bool:
@@ -161,33 +189,78 @@ class Generator:
 
     def __call__(self, params: Any, vae_params: Any, key: jax.Array, indices: jax.Array,
                  labels: jax.Array, text: Mapping[str, jax.Array] | None = None,
-                 null_text: Mapping[str, jax.Array] | None = None) -> jax.Array:
+                 null_text: Mapping[str, jax.Array] | None = None, image: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
         """key: the run's PRNG key (typed, or raw uint32 [2]); indices [B] int: the samples' global
         indices; labels [B] int (ignored by a model without classes); text: a text-conditioned
         model's conditions `{key: [B, ...]}` (`text_keys`), null_text: the empty caption's (no batch
         axis; needed when guided) -> images [B, H, W, C] float32 in [-1, 1]. Inputs may be sharded
-        over the batch (params by the logical rules); the output is sharded like `indices`."""
+        over the batch (params by the logical rules); the output is sharded like `indices`.
+
+        Inpainting: image [B, H, W, 3] in [-1, 1] (the output's size) and mask [B, H, W, 1]
+        (1 = fill, 0 = keep). Upscaling (image_task "upscale"): image [B, s, s, 3], the low-res input."""
         if self.text_keys and (text is None or sorted(text) != sorted(self.text_keys)):
             raise ValueError(f"the DiT takes text {list(self.text_keys)}; got {None if text is None else sorted(text)}")
         if self.text_keys and self.guided and null_text is None:
             raise ValueError("guidance of a text-conditioned DiT needs null_text, the empty caption's embedding")
-        return _generate(self, params, vae_params, key, indices, labels, text, null_text)
+        self._check_image(image, mask)
+        return _generate(self, params, vae_params, key, indices, labels, text, null_text, image, mask)
+
+    def _check_image(self, image: jax.Array | None, mask: jax.Array | None) -> None:
+        kind = self.image_task.kind if self.image_task is not None else None
+        if kind is not None and image is None:
+            raise ValueError(f"this DiT was trained for image_task {kind!r}: it needs the image to {kind}"
+                             + (" and the mask" if kind == "inpaint" else ""))
+        if image is None:
+            if mask is not None:
+                raise ValueError("a mask was given without the image to inpaint")
+            return
+        if mask is None and kind != "upscale":
+            raise ValueError("an image was given without a mask, and the DiT was not trained to upscale "
+                             f"(its image_task: {kind or 'none'})")
+        if mask is not None and kind == "upscale":
+            raise ValueError("a mask was given, but the DiT was trained to upscale, not to inpaint")
+        if mask is not None and tuple(mask.shape) != tuple(image.shape[:-1]) + (1,):
+            raise ValueError(f"the mask is {tuple(mask.shape)}, the image {tuple(image.shape)}: they must be "
+                             "the same size")
+
+
+def _image_conditions(generator: Generator, vae_params, key_per_sample, image, mask):
+    """(the DiT's image conditions {"concat", "noise_level"} or {}, the RePaint `Inpainting` or None)."""
+    if mask is None:  # upscale; the augmentation noise of sample i comes from its own key
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), image.shape[1:]))(key_per_sample)
+        levels = jnp.full(image.shape[:1], generator.image_task.noise_level, jnp.int32)
+        return upscale_conditions(image, levels, noise), None
+    latent_hw = generator.latent_shape[:2]
+    encode = functools.partial(generator.decoder.encode, vae_params)
+    cond = {}
+    if generator.image_task is not None:  # trained inpainting
+        cond = inpaint_conditions(image, mask, encode, latent_hw)
+    keep = 1.0 - hole_on_grid(mask, *latent_hw)
+    return cond, samplers.Inpainting(encode(image), keep, *generator.jumps)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _generate(generator: Generator, params, vae_params, key, indices, labels, text, null_text):
-    noise_keys, step_keys, _ = sample_keys(key, indices)
+def _generate(generator: Generator, params, vae_params, key, indices, labels, text, null_text, image, mask):
+    noise_keys, step_keys, label_keys = sample_keys(key, indices)
     noise = jax.vmap(lambda k: jax.random.normal(k, generator.latent_shape))(noise_keys)
-    cond, null = {}, {}
+    cond, null, inpaint = {}, {}, None
     if generator.conditional:
         cond["label"], null["label"] = labels, jnp.int32(generator.model.num_classes)
     if generator.text_keys:
         cond.update(text)
         null.update(null_text or {})
+    if image is not None:
+        image_cond, inpaint = _image_conditions(generator, vae_params, label_keys, image, mask)
+        cond.update(image_cond)
+        null.update(image_cond)  # guidance varies the label / caption only
     guidance = generator.guidance(null) if generator.guided else None
     latents = samplers.sample(denoiser(generator.model, params), noise, cond or None, schedule=generator.schedule,
-                              config=generator.sampler, key=step_keys, guidance=guidance)
-    return generator.decoder(vae_params, latents)
+                              config=generator.sampler, key=step_keys, guidance=guidance, inpaint=inpaint)
+    images = generator.decoder(vae_params, latents)
+    if inpaint is not None and generator.paste_known:
+        images = mask * images + (1.0 - mask) * image
+    return images
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

@@ -27,6 +27,15 @@ Text-conditioned models: sample i uses prompt i mod P of sample.prompts (the CLI
 sample.prompts_file, encoded by the frozen text encoder of the `text` section; guidance pairs it with
 the empty caption. The protocol records the prompts (or the file's path and sha256), the tokenizer's
 and the encoder's weights' sha256 and the text settings.
+
+Image tasks (`sample.task` / --task, sample.image / --image, sample.mask / --mask): every sample
+inpaints or upscales the one image. Inpainting (a mask given, or a checkpoint trained with
+image_task.kind="inpaint"): the image is the output's size, the mask (white = fill) the image's; any
+DiT inpaints training-free (RePaint: sample.jump_length, jump_n_sample), one trained to inpaint also
+takes the mask and masked image as its concat conditions. Upscaling (a checkpoint trained with
+image_task.kind="upscale"): the image is image_task.low_res_size pixels square, noise-augmented to
+sample.noise_level (default: the training config's image_task.noise_level). The protocol records the
+files' sha256.
 """
 from __future__ import annotations
 
@@ -46,9 +55,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from PIL import Image
 
 import ldm_jax
-from ldm_jax import generation, text_conditioning
+from ldm_jax import generation, image_conditioning, text_conditioning
+from ldm_jax.data import transforms
+from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.models import serialization
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import partitioning
@@ -77,9 +89,10 @@ def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[s
     if settings.batch_size % num_shards:
         raise ValueError(f"sample.batch_size={settings.batch_size} must be divisible by the {num_shards} batch "
                          f"shards (mesh axes {' x '.join(mesh_lib.BATCH_AXES)})")
-    generator, params, vae_params, prompts, protocol = _load(config, workdir, mesh)
+    generator, params, vae_params, prompts, image_inputs, protocol = _load(config, workdir, mesh)
     _claim(out_dir, protocol)
-    sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh, prompts)
+    sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh, prompts,
+                           image_inputs)
 
     rows, cols = settings.grid_rows, settings.grid_cols
     grid = sample(np.arange(rows * cols), generation.grid_labels(rows, cols, sample.num_conditions))
@@ -113,16 +126,18 @@ def _check_class(module: Any, path: str, field: str, expected: str) -> None:
         raise ValueError(f"{field}={path} holds a {type(module).__name__} bundle; sampling needs a {expected}")
 
 
-def _prompt_conditions(config: Any, model: Any, where: str) -> tuple[Any, dict | None]:
+def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTask | None) -> tuple[Any, dict | None]:
     """(the prompts' conditions, their protocol) for a text-conditioned model; (None, None) otherwise.
     ValueError for prompts given to a model without text, and for a model whose conditions
     `ldm-jax sample` cannot supply (naming them)."""
     fields = model.condition_fields()
     keys = text_conditioning.text_keys(model)
-    unsupported = sorted(set(fields) - {"label", *text_conditioning.TEXT_KEYS})
+    supplied = {"label", *text_conditioning.TEXT_KEYS, *(("concat", "noise_level") if image_task else ())}
+    unsupported = sorted(set(fields) - supplied)
     if unsupported or (keys and model.num_classes):
         raise ValueError(f"{where}: a DiT conditioned on {sorted(fields)}; `ldm-jax sample` samples class-conditional, "
-                         "text-conditioned and unconditional DiTs")
+                         "text-conditioned and unconditional DiTs, and ones trained with an image_task (inpaint, "
+                         "upscale; recorded in model.json)")
     prompts, prompts_protocol = text_conditioning.prompts_from_config(config.sample)
     if not keys:
         if prompts:
@@ -141,17 +156,19 @@ def _prompt_conditions(config: Any, model: Any, where: str) -> tuple[Any, dict |
     return text_conditioning.PromptConditions(encoder, text_params, prompts, keys), protocol
 
 
-def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, Any, dict]:
-    """(generator, params laid out on the mesh, VAE params replicated, prompt conditions or None, protocol)."""
+def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, Any, dict, dict]:
+    """(generator, params laid out on the mesh, VAE params replicated, prompt conditions or None, the
+    image task's inputs (`_image_inputs`), protocol)."""
     settings = config.sample
     field = "sample.model_path" if settings.model_path else "sample.model_path (unset: <workdir>/model)"
     model_path = os.path.abspath(settings.model_path or os.path.join(workdir, "model"))
     _require_bundle(model_path, field)
     if config.vae.path:
         _require_bundle(os.path.abspath(config.vae.path), "vae.path")
-    model, params, _ = serialization.load_model(model_path)
+    model, params, metadata = serialization.load_model(model_path)
     _check_class(model, model_path, field, "DiT")
-    prompts, text_protocol = _prompt_conditions(config, model, f"{field}={model_path}")
+    image_task = ImageTask.from_config(metadata.get("image_task"))
+    prompts, text_protocol = _prompt_conditions(config, model, f"{field}={model_path}", image_task)
     weights_sha256 = params_sha256(params)
     params = _place(params, _param_shardings(model, mesh))
 
@@ -167,7 +184,8 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
 
     objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
     sampler = tasks.sampler_from_config(settings, objective)
-    generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder)
+    generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder, image_task)
+    image_inputs, image_protocol = _image_inputs(settings, generator, vae_params, f"{field}={model_path}")
     protocol = {
         "model": serialization.module_config(model),
         "model_path": model_path,
@@ -186,7 +204,73 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     }
     if text_protocol is not None:
         protocol["text"] = text_protocol
-    return generator, params, vae_params, prompts, json.loads(json.dumps(protocol))
+    if image_protocol is not None:
+        protocol["image_task"] = image_protocol
+    return generator, params, vae_params, prompts, image_inputs, json.loads(json.dumps(protocol))
+
+
+def _read_image(path: str, field: str, mode: str) -> np.ndarray:
+    """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] ("L"); FileNotFoundError naming the field."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{field}={path}: no such file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except OSError as error:
+        raise ValueError(f"{field}={path} is not a readable image ({error})") from error
+
+
+def _image_inputs(settings: Any, generator: generation.Generator, vae_params: Any,
+                  where: str) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The image (and mask) every sample inpaints or upscales, without a batch axis, and their protocol;
+    ({}, None) for plain generation. ValueError naming the field for a task the checkpoint was not
+    trained for, or an image / mask of the wrong size."""
+    trained = generator.image_task.kind if generator.image_task is not None else ""
+    task = settings.get("task", "") or trained or ("inpaint" if settings.get("mask") else "")
+    if task not in ("",) + image_conditioning.KINDS:
+        raise ValueError(f"sample.task={task!r} (--task): allowed values are {image_conditioning.KINDS}")
+    if task == "upscale" and trained != "upscale":
+        raise ValueError(f"--task=upscale (sample.task): {where} was not trained to upscale (its image_task: "
+                         f"{trained or 'none'}; train one with image_task.kind='upscale')")
+    if task == "inpaint" and trained == "upscale":
+        raise ValueError(f"--task=inpaint (sample.task): {where} was trained to upscale, not to inpaint")
+    if not task:
+        if settings.get("image"):
+            raise ValueError(f"--image (sample.image): {where} was not trained for an image task; give --mask "
+                             "to inpaint the image (training-free, RePaint)")
+        return {}, None
+    if not settings.get("image"):
+        raise ValueError(f"{where} {'was trained to' if trained else 'asked to'} {task}: give the image "
+                         "(--image, sample.image)" + (" and the mask (--mask, sample.mask)" if task == "inpaint" else ""))
+    image = _read_image(settings.image, "sample.image (--image)", "RGB")
+    protocol = {"task": task, "image_sha256": _file_sha256(settings.image)}
+    if task == "upscale":
+        if settings.get("mask"):
+            raise ValueError("--mask (sample.mask): a mask is for inpainting; this checkpoint upscales")
+        size = generator.image_task.low_res_size
+        if image.shape[:2] != (size, size):
+            raise ValueError(f"sample.image (--image)={settings.image} is {image.shape[1]}x{image.shape[0]}; the "
+                             f"checkpoint upscales {size}x{size} images (image_task.low_res_size)")
+        protocol["noise_level"] = generator.image_task.noise_level
+        return {"image": transforms.to_unit_range(image)}, protocol
+    if not settings.get("mask"):
+        raise ValueError("inpainting needs the mask (--mask, sample.mask): white = fill, black = keep")
+    mask = _read_image(settings.mask, "sample.mask (--mask)", "L")
+    if mask.shape != image.shape[:2]:
+        raise ValueError(f"sample.mask (--mask)={settings.mask} is {mask.shape[1]}x{mask.shape[0]}, but the image "
+                         f"sample.image={settings.image} is {image.shape[1]}x{image.shape[0]}: they must be the same size")
+    expected = tuple(generator.image_shape(vae_params)[:2])
+    if image.shape[:2] != expected:
+        raise ValueError(f"sample.image (--image)={settings.image} is {image.shape[1]}x{image.shape[0]}; the "
+                         f"checkpoint makes {expected[1]}x{expected[0]} images")
+    protocol.update(mask_sha256=_file_sha256(settings.mask), jumps=list(generator.jumps),
+                    paste_known=generator.paste_known)
+    return {"image": transforms.to_unit_range(image), "mask": (mask > 127).astype(np.float32)[..., None]}, protocol
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _place(tree: Any, shardings: Any) -> Any:
@@ -261,14 +345,17 @@ def _claim(out_dir: str, protocol: dict) -> None:
 class _BatchSampler:
     """(indices [n], labels [n]) numpy -> uint8 images [n, H, W, C] on every process, generated in
     global batches of `batch_size` sharded over the mesh (a short last batch padded, then trimmed).
-    With `prompts` (a text-conditioned model), the labels are prompt indices."""
+    With `prompts` (a text-conditioned model), the labels are prompt indices. `image_inputs`: the
+    image (and mask) every sample inpaints or upscales, no batch axis."""
 
-    def __init__(self, generator, params, vae_params, seed, batch_size, mesh, prompts=None):
+    def __init__(self, generator, params, vae_params, seed, batch_size, mesh, prompts=None, image_inputs=None):
         self.generator, self.params, self.vae_params = generator, params, vae_params
         self.batch_size, self.batch_sharding = batch_size, mesh_lib.batch_sharding(mesh)
         self.key = np.asarray(jax.random.PRNGKey(seed))  # raw uint32 [2], the same on every process
         self.global_key = _global(self.key, mesh_lib.replicated(mesh))
         self.prompts = prompts
+        self.image_inputs = {name: _global(np.broadcast_to(value, (batch_size,) + value.shape), self.batch_sharding)
+                             for name, value in (image_inputs or {}).items()}
         self.null_text = None
         if prompts is not None:
             self.null_text = {k: _global(v, mesh_lib.replicated(mesh)) for k, v in prompts.null().items()}
@@ -288,7 +375,7 @@ class _BatchSampler:
             if self.prompts is not None:
                 text = {k: _global(v, self.batch_sharding) for k, v in self.prompts(padded[1]).items()}
             images = self.generator(self.params, self.vae_params, self.global_key, index_array, label_array, text,
-                                    self.null_text)
+                                    self.null_text, **self.image_inputs)
             out.append(generation.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:n]))
         return np.concatenate(out)
 

@@ -1,14 +1,20 @@
-"""Model bundles with random weights, for tests that need a model's files (a notebook, a documented
-command), not a trained model: the layout `ldm-jax train` exports, written without compiling
-anything (an init or an export compiles for tens of seconds on a busy 2-core machine)."""
+"""Model bundles for tests. Random weights, for tests that need a model's files (a notebook, a
+documented command), not a trained model: the layout `ldm-jax train` exports, written without
+compiling anything (an init or an export compiles for tens of seconds on a busy 2-core machine).
+And `train_and_export`: a config's task trained briefly in-process on one device."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.data import pipeline
 from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
-from ldm_jax.training import tasks
+from ldm_jax.parallel.mesh import make_mesh
+from ldm_jax.training import optimizers, steps, tasks
+from ldm_jax.training.state import init_sharded_state
 
 
 def random_params(module, *inputs, seed=0):
@@ -31,3 +37,21 @@ def save_vae(path, model_config, image_size):
     vae = AutoencoderKL(**model_config)
     serialization.save_model(path, vae, random_params(vae, jnp.zeros((1, image_size, image_size, vae.in_channels))))
     return path
+
+
+def train_and_export(config, path):
+    """Trains `config` for config.train.num_steps steps on one device (the train loop's step, without
+    its checkpoints and logs) and exports the EMA model to `path`; returns (task, final state)."""
+    task = tasks.make_task(config)
+    tx = optimizers.make_optimizer(config.optimizer)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    state, _ = init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)
+    data = pipeline.make_pipeline(config.data, pipeline.batch_sharding(mesh), text=config.get("text"))
+    step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx,
+                                     learning_rate=optimizers.learning_rate_schedule(config.optimizer),
+                                     ema_decay=config.ema.decay, ema_warmup=config.ema.warmup), donate_argnums=0)
+    for _ in range(config.train.num_steps):
+        state, metrics = step(state, task.frozen, next(data))
+    assert float(metrics["finite"]) == 1.0
+    task.export(str(path), state.ema_params)
+    return task, state

@@ -20,8 +20,8 @@ from ldm_jax.data import latent_cache, pipeline, sources
 from ldm_jax.models import serialization
 from ldm_jax.models.dit import DiT
 from ldm_jax.parallel.mesh import make_mesh
-from ldm_jax.training import optimizers, steps, tasks
-from ldm_jax.training.state import init_sharded_state
+from ldm_jax.training import steps, tasks
+from bundles import train_and_export
 from subprocesses import ROOT, cpu_env, load_config
 
 TRAIN_STEPS = 500  # ~99 % on 200 samples; 300 steps give ~80 %
@@ -252,19 +252,8 @@ def trained(tmp_path_factory, clip_paths):
     -> (config, exported bundle path, preview grid)."""
     config = _config(clip_paths)
     config.train.update(num_steps=TRAIN_STEPS)
-    task = tasks.make_task(config)
-    tx = optimizers.make_optimizer(config.optimizer)
-    mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    state, _ = init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)
-    data = pipeline.make_pipeline(config.data, pipeline.batch_sharding(mesh), text=config.text)
-    step = jax.jit(functools.partial(steps.train_step, loss_fn=task.loss_fn, tx=tx,
-                                     learning_rate=optimizers.learning_rate_schedule(config.optimizer),
-                                     ema_decay=config.ema.decay, ema_warmup=config.ema.warmup), donate_argnums=0)
-    for _ in range(TRAIN_STEPS):
-        state, metrics = step(state, task.frozen, next(data))
-    assert float(metrics["finite"]) == 1.0
     path = tmp_path_factory.mktemp("t2i") / "model"
-    task.export(str(path), state.ema_params)
+    task, state = train_and_export(config, path)
     return config, path, task.preview(state.ema_params, task.frozen, jax.random.key(0))
 
 

@@ -23,7 +23,8 @@ batch of an epoch may end with examples of the next one); every global batch is 
 run the same number of steps. With `num_epochs > 0` the stream ends after
 `num_epochs * len(source) // B` global batches; the remaining examples are not read.
 
-Batches: `{"image": float32 [B, S, S, 3] in [-1, 1], "label": int32 [B]}` for image sources,
+Batches: `{"image": float32 [B, S, S, 3] in [-1, 1], "label": int32 [B]}` for image sources (plus
+`"mask"` float32 [B, S, S, 1], 1 = hole, with `data.inpaint_masks`: random boxes / brush strokes),
 `{"latent": float32 [B, h, w, C], "label": int32 [B]}` for latent caches. Captions (image folders'
 .txt files, a TFDS text feature `data.caption_key`, or `data.caption_template` filled with class
 names) become, in this order of preference: the cached text embeddings of a latent cache made with
@@ -77,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
             num_workers=0,  # mp_prefetch worker processes (0 = in-process)
             check_images=True,  # image folders: decode every file up front, skip bad ones
             strict=False,  # image folders: bad files raise instead of being skipped
+            inpaint_masks=(),  # random inpainting masks per image ("box", "stroke"): the batch's "mask"
             latent_sample=True,  # latents: z = mean + std * eps (False: z = mean, the mode)
             latent_norm="scale",  # "scale": (z - latent_shift) * latent_scale; "channel": per-channel
             latent_scale=0.18215,  # SD-VAE scaling factor
@@ -96,6 +98,13 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"data.source={resolved.source!r}; use one of {SOURCES}")
     if resolved.latent_norm not in LATENT_NORMS:
         raise ValueError(f"data.latent_norm={resolved.latent_norm!r}; use one of {LATENT_NORMS}")
+    unknown_masks = sorted(set(resolved.inpaint_masks) - set(transforms.INPAINT_MASKS))
+    if unknown_masks:
+        raise ValueError(f"data.inpaint_masks={tuple(resolved.inpaint_masks)}: unknown kind(s) {unknown_masks}; "
+                         f"use some of {transforms.INPAINT_MASKS}")
+    if resolved.inpaint_masks and resolved.source == "latents":
+        raise ValueError("data.inpaint_masks: masks are drawn on images, and data.source='latents' holds latents "
+                         "(inpainting models encode the masked image: train on images with vae.path)")
     for field in ("image_size", "batch_size"):
         if resolved[field] <= 0:
             raise ValueError(f"data.{field}={resolved[field]} must be positive")
@@ -231,6 +240,9 @@ def make_grain_dataset(
     dataset = dataset.repeat(config.num_epochs or None)
     # After repeat, an element's index is its position in the global stream: it seeds the rng.
     dataset = dataset.random_map(transform)
+    if config.inpaint_masks:  # its own seed: masks independent of the crop / flip draws
+        dataset = dataset.random_map(transforms.RandomInpaintMask(tuple(config.inpaint_masks), config.image_size),
+                                     seed=config.seed + 1)
     if tokenize is not None:
         dataset = dataset.map(tokenize)
     dataset = dataset.batch(per_host_batch, drop_remainder=True)

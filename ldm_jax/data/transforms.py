@@ -1,4 +1,5 @@
-"""Per-example transforms: the ADM/DiT center crop, flips, [-1, 1] scaling, latent normalisation.
+"""Per-example transforms: the ADM/DiT center crop, flips, [-1, 1] scaling, latent normalisation,
+random inpainting masks.
 
 Everything here is numpy/PIL and runs in grain workers. The grain transforms are small picklable
 classes (`mp_prefetch` pickles the pipeline into worker processes); their randomness comes only
@@ -12,7 +13,9 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+
+INPAINT_MASKS = ("box", "stroke")
 
 
 def to_pil_rgb(image: Any) -> Image.Image:
@@ -78,6 +81,47 @@ class CropFlipToUnitRange(grain.transforms.RandomMap):
         if self.random_flip and rng.random() < 0.5:
             image = hflip(image)
         return {**element, "image": to_unit_range(image)}
+
+
+def random_box(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A rectangle with sides uniform in [size / 4, size], anywhere inside: bool [size, size]."""
+    height, width = rng.integers(max(size // 4, 1), size + 1, size=2)
+    top, left = rng.integers(0, size - height + 1), rng.integers(0, size - width + 1)
+    hole = np.zeros((size, size), bool)
+    hole[top:top + height, left:left + width] = True
+    return hole
+
+
+def random_strokes(rng: np.random.Generator, size: int) -> np.ndarray:
+    """1-4 brush strokes (LaMa / CM-GAN style): polylines of 2-5 vertices with steps up to size / 2,
+    widths in [size / 16, size / 4] pixels, round joints: bool [size, size]."""
+    canvas = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.integers(1, 5)):
+        width = int(rng.integers(max(size // 16, 1), max(size // 4, 2) + 1))
+        points = [tuple(rng.uniform(0, size, 2))]
+        for _ in range(rng.integers(1, 5)):
+            angle, length = rng.uniform(0, 2 * np.pi), rng.uniform(size / 8, size / 2)
+            x, y = points[-1]
+            points.append((float(np.clip(x + length * np.cos(angle), 0, size - 1)),
+                           float(np.clip(y + length * np.sin(angle), 0, size - 1))))
+        draw.line(points, fill=255, width=width, joint="curve")
+        for x, y in points:  # round caps
+            draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
+    return np.asarray(canvas) > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomInpaintMask(grain.transforms.RandomMap):
+    """Adds `"mask"`: float32 [S, S, 1], 1 = the hole to inpaint, 0 = known, of a kind drawn
+    uniformly from `kinds` (INPAINT_MASKS: "box" = `random_box`, "stroke" = `random_strokes`)."""
+
+    kinds: tuple[str, ...]
+    image_size: int
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        draw = {"box": random_box, "stroke": random_strokes}[self.kinds[rng.integers(len(self.kinds))]]
+        return {**element, "mask": draw(rng, self.image_size)[..., None].astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@
   stop with the last good state), the optax update and the EMA.
 * `DiffusionObjective` + `diffusion_loss_fn`: the denoiser's loss on a batch of latents (cached, or
   encoded on the fly by a frozen VAE), conditioned on labels and/or text (cached embeddings, or
-  token ids encoded by a frozen text encoder), with condition dropout for classifier-free guidance.
+  token ids encoded by a frozen text encoder) and/or images (inpainting, super-resolution:
+  `image_conditioning`), with condition dropout for classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import optax
 
 from ldm_jax.diffusion import objectives, schedules
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.text_conditioning import TEXT_KEYS, text_keys
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
 
@@ -244,6 +246,7 @@ def diffusion_loss_fn(
     objective: DiffusionObjective,
     encode_images: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
     encode_text: Callable[[Any, jax.Array, jax.Array], dict] | None = None,
+    image_task: ImageTask | None = None,
 ) -> tuple[jax.Array, dict]:
     """The denoiser's loss on a batch.
 
@@ -252,7 +255,8 @@ def diffusion_loss_fn(
       the images themselves); plus the conditions the model takes (`model.condition_fields()`):
       "label" [B] int (num_classes > 0; ignored otherwise), and text (context_dim / pooled_dim):
       cached "context" [B, L, Dc] / "context_mask" [B, L] / "pooled" [B, Dp], or "input_ids" and
-      "attention_mask" [B, L] encoded by `encode_text` (see `batch_text`).
+      "attention_mask" [B, L] encoded by `encode_text` (see `batch_text`); with an `image_task`,
+      the images (and "mask" [B, H, W, 1] for inpainting) it builds "concat" / "noise_level" from.
     frozen: what the loss reads but does not train, a dict: "vae" and "text_encoder" params for the
       two encoders, "null_text": the empty caption's text conditions (one sample, no batch axis).
     Condition dropout (`drop_conditions`): with probability `model.class_dropout_prob` a sample's
@@ -273,6 +277,15 @@ def diffusion_loss_fn(
         null.update(frozen["null_text"])
     if cond and model.class_dropout_prob > 0:
         cond = drop_conditions(dropout_key, cond, null, model.class_dropout_prob)
+    if image_task is not None:
+        masked_key, augment_key = jax.random.split(jax.random.fold_in(key, 1))
+
+        def encode(images):
+            if encode_images is None:
+                return images
+            return jax.lax.stop_gradient(encode_images(frozen["vae"], images, masked_key))
+
+        cond.update(image_task.training_conditions(batch, encode, x0.shape[1:3], augment_key))
 
     def denoise(x, t, y):
         return model.apply({"params": params}, x, t, y)

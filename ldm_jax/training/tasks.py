@@ -3,7 +3,8 @@
 A `Task` is all the loop needs to know about a model; the loop itself is model-agnostic.
   * "diffusion": a DiT on latents (cached, or images encoded on the fly by a frozen VAE bundle),
     or on pixels when no VAE is configured; conditioned on labels and/or text (captions embedded
-    by a frozen CLIP text encoder inside the step, or read from a latent cache's text embeddings).
+    by a frozen CLIP text encoder inside the step, or read from a latent cache's text embeddings)
+    and/or, with `image_task`, on images it inpaints or upscales (`image_conditioning`).
   * "autoencoder": the KL-VAE with the LDM recipe (L1 + optional LPIPS + KL + PatchGAN hinge loss
     with the adaptive weight); params = {"autoencoder", "discriminator"}, one optimizer over both
     (the generator and discriminator losses touch disjoint parameters).
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import generation, text_conditioning
+from ldm_jax import generation, image_conditioning, text_conditioning
 from ldm_jax.convert.lpips import load_lpips_or_none
 from ldm_jax.data import pipeline, sources, transforms
 from ldm_jax.diffusion import samplers
+from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.models import serialization
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.models.dit import DiT, dit_preset
@@ -150,12 +152,47 @@ def _text_setup(
     return encode_text, text_conditioning.PromptConditions(*loaded, prompts, keys)
 
 
+def _image_task_setup(config: Any, model: DiT) -> ImageTask | None:
+    """The `image_task` section, checked against the model and the data (ValueError naming the field)."""
+    image_task = ImageTask.from_config(config.get("image_task"))
+    if image_task is None:
+        if model.concat_channels or model.noise_level_conditioning:
+            raise ValueError(f"model.concat_channels={model.concat_channels}, noise_level_conditioning="
+                             f"{model.noise_level_conditioning}: these take image conditions; set image_task.kind "
+                             f"to one of {image_conditioning.KINDS}")
+        return None
+    image_task.check_model(model)
+    if config.data.source == "latents":
+        raise ValueError(f"image_task.kind={image_task.kind!r} builds its conditions from images: data.source="
+                         "'latents' has none (train on images, encoded on the fly with vae.path)")
+    if image_task.kind == "inpaint" and not config.data.get("inpaint_masks"):
+        raise ValueError("image_task.kind='inpaint' needs random masks: set data.inpaint_masks, e.g. "
+                         "('box', 'stroke')")
+    if image_task.kind == "upscale" and config.data.image_size % image_task.low_res_size:
+        raise ValueError(f"image_task.low_res_size={image_task.low_res_size} does not divide data.image_size="
+                         f"{config.data.image_size}")
+    return image_task
+
+
+def _preview_inputs(config: Any, image_task: ImageTask | None, count: int) -> dict[str, np.ndarray]:
+    """What image-task previews condition on: the first `count` data images, with the right half
+    masked (inpaint) or downsampled (upscale); {} without an image task."""
+    if image_task is None:
+        return {}
+    images = preview_images(config, count)
+    if len(images) < count:
+        raise ValueError(f"train.preview_every: the previews of an image task need {count} data images "
+                         f"(sample.grid_rows x grid_cols); the data has {len(images)}")
+    if image_task.kind == "upscale":
+        return {"image": np.asarray(image_conditioning.downsample(images, image_task.low_res_size))}
+    mask = np.zeros(images.shape[:-1] + (1,), np.float32)
+    mask[:, :, images.shape[2] // 2:] = 1.0
+    return {"image": images, "mask": mask}
+
+
 def diffusion_task(config: Any) -> Task:
     model = dit_from_config(config.model)
-    unsupported = sorted(set(model.condition_fields()) - {"label", *text_conditioning.TEXT_KEYS})
-    if unsupported:
-        raise ValueError(f"model: training on {unsupported} conditions (DiT.concat_channels / "
-                         "noise_level_conditioning) is not supported: the data pipeline does not provide them")
+    image_task = _image_task_setup(config, model)
     objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
     encode_images, frozen, decoder = None, {}, generation.LatentDecoder()
     if config.vae.path:
@@ -172,22 +209,25 @@ def diffusion_task(config: Any) -> Task:
         return model.init(key, jnp.zeros((1,) + sample_shape), jnp.zeros((1,)), y)["params"]
 
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images,
-                                encode_text=encode_text)
+                                encode_text=encode_text, image_task=image_task)
     # Previews sample as `ldm-jax sample` does (ldm_jax/sampling.py): same sampler, guidance and grid.
     generator = generation.Generator.from_config(
-        config.sample, model, objective.schedule, sampler_from_config(config.sample, objective), decoder
+        config.sample, model, objective.schedule, sampler_from_config(config.sample, objective), decoder, image_task
     )
     rows, cols = config.sample.grid_rows, config.sample.grid_cols
     labels = generation.grid_labels(rows, cols, model.num_classes)  # row r: class r and prompt r (mod their number)
     text = prompts(generation.grid_labels(rows, cols, len(prompts.prompts))) if prompts else None
+    image_inputs = _preview_inputs(config, image_task, rows * cols) if config.train.preview_every else {}
 
     def preview(params, frozen_params, key):
         images = generator(params, frozen_params.get("vae"), key, np.arange(rows * cols), labels, text,
-                           frozen_params.get("null_text"))
+                           frozen_params.get("null_text"), **image_inputs)
         return generation.image_grid(generation.to_uint8(images), rows)
 
     def export(path, params):
         metadata = {"task": "diffusion"}
+        if image_task is not None:
+            metadata["image_task"] = image_task.describe()
         if text_conditioning.text_keys(model):
             metadata["text"] = {k: config.text[k] for k in ("encoder_path", "tokenizer_path", "max_length",
                                                             "skip_last_layers")}
