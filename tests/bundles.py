@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import generation
 from ldm_jax.data import pipeline
 from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
@@ -55,3 +56,11 @@ def train_and_export(config, path):
     assert float(metrics["finite"]) == 1.0
     task.export(str(path), state.ema_params)
     return task, state
+
+
+def task_generator(config, task, decoder=generation.LatentDecoder()):
+    """The `generation.Generator` a diffusion task's previews use, from config.sample."""
+    objective = task.loss_fn.keywords["objective"]
+    return generation.Generator.from_config(config.sample, task.model, objective.schedule,
+                                            tasks.sampler_from_config(config.sample, objective), decoder,
+                                            task.loss_fn.keywords["image_task"])

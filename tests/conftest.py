@@ -20,3 +20,19 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 def fixtures_dir() -> pathlib.Path:
     """Committed golden fixtures, made by the generators in tools/fixtures/ (need torch + diffusers)."""
     return FIXTURES
+
+
+# Modules that train a model for minutes: collected first, so that `pytest -n 2 --dist loadfile`
+# hands them out at the start and the short modules fill the other worker meanwhile (the run's wall
+# time is then close to the total work / workers, not the work plus the last long module).
+LONG_MODULES = ("test_inpainting_trained.py", "test_upscaling_trained.py", "test_text_to_image.py")
+
+
+def pytest_configure(config):
+    # xdist otherwise orders modules by their number of tests, which puts these last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: the order within stays

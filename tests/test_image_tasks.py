@@ -1,6 +1,6 @@
 """Image tasks: random inpainting masks in the data pipeline, the inpainting and super-resolution
 conditions (image_conditioning), their config checks, and `ldm-jax sample --image/--mask/--task`
-with its errors. The trained acceptance runs are in tests/test_image_tasks_trained.py."""
+with its errors. The trained acceptance runs: tests/test_upscaling_trained.py, test_inpainting_trained.py."""
 import dataclasses
 import subprocess
 import sys
