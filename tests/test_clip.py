@@ -12,7 +12,7 @@ import pytest
 
 from ldm_jax.convert.clip import clip_text_from_hf, module_from_hf_config
 from ldm_jax.convert.torch_io import CheckpointMismatchError, load_safetensors, save_safetensors
-from ldm_jax.data.tokenizer import CLIPTokenizer
+from ldm_jax.data.tokenizer import MAX_TRUNCATION_WARNINGS, CLIPTokenizer
 from ldm_jax.models import serialization
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.parallel.partitioning import LOGICAL_AXIS_RULES
@@ -93,6 +93,13 @@ def test_long_prompt_is_truncated_with_a_warning(clip_dir, expected, caplog):
     assert texts[LONG_TEXT][:40] in message and "max_length=77" in message
     assert ids[LONG_TEXT, -1] == tokenizer.eos_token_id and mask[LONG_TEXT].all()
     assert ids[LONG_TEXT, 0] == tokenizer.bos_token_id
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_jax.data.tokenizer"):
+        np.testing.assert_array_equal(tokenizer.encode(texts, max_length=77)[0], ids)  # the next epoch
+        tokenizer.encode([f"{i} {texts[LONG_TEXT]}" for i in range(MAX_TRUNCATION_WARNINGS + 5)], max_length=77)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == MAX_TRUNCATION_WARNINGS  # 19 new texts (the first was reported already) + 1
+    assert messages[-1] == f"{MAX_TRUNCATION_WARNINGS} texts truncated: further ones are not reported"
 
 
 def test_tokenizer_errors(clip_dir, tmp_path):

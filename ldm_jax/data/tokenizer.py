@@ -109,6 +109,9 @@ def _token_content(value: Any) -> str:
     return value["content"] if isinstance(value, Mapping) else str(value)
 
 
+MAX_TRUNCATION_WARNINGS = 20
+
+
 class CLIPTokenizer:
     """CLIP BPE tokenizer. `encode(texts, max_length) -> (ids, attention_mask)`, both [B, L] int32.
 
@@ -143,6 +146,7 @@ class CLIPTokenizer:
         unique = sorted(set(specials.values()), key=len, reverse=True)  # longest match first
         self._special_re = re.compile("|".join(re.escape(t) for t in unique))
         self._cache: dict[str, list[int]] = {}
+        self._truncated: set[str] = set()  # texts already warned about (a data set is read every epoch)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> CLIPTokenizer:
@@ -223,13 +227,23 @@ class CLIPTokenizer:
                 start = match.end()
         return ids
 
+    def _warn_truncated(self, text: str, num_tokens: int, max_length: int) -> None:
+        if text in self._truncated or len(self._truncated) >= MAX_TRUNCATION_WARNINGS:
+            return
+        self._truncated.add(text)
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        logger.warning("prompt %r has %d tokens, more than max_length=%d: truncated", shown, num_tokens, max_length)
+        if len(self._truncated) == MAX_TRUNCATION_WARNINGS:
+            logger.warning("%d texts truncated: further ones are not reported", MAX_TRUNCATION_WARNINGS)
+
     def encode(
         self, texts: str | Sequence[str], max_length: int = 77
     ) -> tuple[np.ndarray, np.ndarray]:
         """texts -> (ids [B, max_length] int32, attention_mask [B, max_length] int32).
 
         Each row is bos + tokens + eos, truncated to max_length (eos stays last; a warning names
-        the prompt) and padded with the pad token (mask 0 there).
+        the prompt, once per text and tokenizer, for the first MAX_TRUNCATION_WARNINGS texts) and
+        padded with the pad token (mask 0 there).
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -240,13 +254,7 @@ class CLIPTokenizer:
         for row, text in enumerate(texts):
             tokens = self.tokenize(text)
             if len(tokens) + 2 > max_length:
-                shown = text if len(text) <= 60 else text[:57] + "..."
-                logger.warning(
-                    "prompt %r has %d tokens, more than max_length=%d: truncated",
-                    shown,
-                    len(tokens) + 2,
-                    max_length,
-                )
+                self._warn_truncated(text, len(tokens) + 2, max_length)
                 tokens = tokens[: max_length - 2]
             row_ids = [self.bos_token_id, *tokens, self.eos_token_id]
             ids[row, : len(row_ids)] = row_ids
