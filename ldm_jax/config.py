@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every=10_000,
             keep_checkpoints=3,
             keep_every=0,  # also keep every n-th step's checkpoint (0 = no)
+            # A workdir holds one run: a restart whose config changes the state or the maths, or whose
+            # checkpoints are all unreadable, is refused; True moves the old checkpoints aside instead.
+            force_new=False,
             preview_every=10_000,  # sample a grid into the logs (0 = never)
             profile_steps=0,  # clu profile of n steps (0 = off)
             peak_tflops_per_device=0.0,  # for the MFU estimate (0 = not reported)

@@ -4,13 +4,16 @@
 
 Resumes from the newest readable checkpoint in `<workdir>/checkpoints` (state + data iterator), so a
 killed or preempted run continues exactly where its last checkpoint was; SIGTERM (TPU VM
-preemption) saves a checkpoint before exiting. A step with a non-finite loss or gradient is not
-applied; the loop stops with an error naming the step, before anything is saved after it. At the
-end the EMA parameters are exported as a model bundle to `<workdir>/model`; previews (sample grids)
+preemption) saves a checkpoint before exiting. A workdir belongs to one run (`training/workdir.py`):
+a second run at once is refused, and so is a restart whose config changes the state or the maths
+(`train.force_new=True` moves the old checkpoints aside instead). A step whose loss, gradients or
+updated state are not finite is not applied; the loop stops with an error naming the step, before
+anything is saved after it. At the end the EMA parameters are exported as a model bundle to `<workdir>/model`; previews (sample grids)
 go to TensorBoard and to `<workdir>/previews/step_<n>.png`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,17 +22,24 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
 from ldm_jax import generation
 from ldm_jax.data import pipeline
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import checkpointing, optimizers, steps, tasks
+from ldm_jax.training import workdir as workdir_lib
 from ldm_jax.training.state import TrainState, init_sharded_state
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradients became NaN/inf; the state of the step before is what was kept."""
+    """The loss, gradients or updated state became NaN/inf; the state of the step before is what was kept."""
+
+
+class OtherRunError(ValueError):
+    """The workdir's checkpoints were written with a config that differs in the state or the maths."""
 
 
 class _Preemption:
@@ -68,16 +78,88 @@ def validate_config(config: Any) -> None:
 
 def _check_finite(step: int, metrics: dict, checkpointer: checkpointing.Checkpointer) -> None:
     if float(metrics["finite"]) < 1.0:
+        latest = checkpointer.latest_step()
         raise NonFiniteLossError(
-            f"non-finite loss or gradients at step {step} (loss={float(metrics['loss'])}); the update "
-            f"was not applied. Latest good checkpoint: step {checkpointer.latest_step()} in "
-            f"{checkpointer.directory}"
+            f"non-finite loss, gradients or updated parameters at step {step} (loss={float(metrics['loss'])}); "
+            f"the update was not applied. "
+            + (f"Latest good checkpoint: step {latest} in {checkpointer.directory}" if latest is not None
+               else "No checkpoint was saved before it")
         )
+
+
+@contextlib.contextmanager
+def _own_workdir(workdir: str):
+    """Process 0 holds the workdir's `RunLock` for the run; every process fails together when it can't."""
+    lock, error = (workdir_lib.RunLock(workdir) if jax.process_index() == 0 else None), None
+    if lock is not None:
+        try:
+            lock.__enter__()
+        except ValueError as refused:
+            error = refused
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and error is None:
+        raise ValueError(f"workdir {workdir} is in use by another run (see process 0's error)")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _make_checkpointer(config: Any, workdir: str) -> checkpointing.Checkpointer:
+    return checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+        keep_every=config.train.get("keep_every") or None,
+    )
+
+
+def _resume(config: Any, workdir: str, state: TrainState, data: Any) -> tuple[checkpointing.Checkpointer, TrainState, int]:
+    """(checkpointer, state, step): the newest usable checkpoint of this run, or a fresh start.
+
+    Refuses checkpoints of another config (OtherRunError) or none readable (UnreadableCheckpointsError),
+    unless `train.force_new`, which moves `<workdir>/checkpoints` aside (never deletes it) and starts over.
+    """
+    current = config.to_dict()
+
+    def same_run(saved: dict, step: int) -> None:
+        differences = workdir_lib.config_differences(saved, current)
+        if differences:
+            raise OtherRunError(
+                f"workdir {workdir} holds a run with another config (checkpoint step {step}): "
+                f"{'; '.join(differences)}. Use a new workdir, or --config.train.force_new=True to move its "
+                f"checkpoints aside and start over"
+            )
+
+    checkpointer = _make_checkpointer(config, workdir)
+    try:
+        restored = checkpointer.restore(checkpointing.abstract_like(state), data.iterator, check_config=same_run)
+    except Exception as refused:
+        checkpointer.close()
+        if not (config.train.force_new and isinstance(refused, (OtherRunError, checkpointing.UnreadableCheckpointsError))):
+            raise
+        aside = f"{checkpointer.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            os.rename(checkpointer.directory, aside)
+        multihost_utils.sync_global_devices("ldm_jax.loop.force_new")
+        logging.warning("train.force_new: moved the old checkpoints to %s (%s)", aside, str(refused).splitlines()[0])
+        return _make_checkpointer(config, workdir), state, 0
+    if restored is None:
+        return checkpointer, state, 0
+    logging.info("resumed from step %d in %s", restored[1], checkpointer.directory)
+    return checkpointer, restored[0], restored[1]
 
 
 def train(config: Any, workdir: str) -> TrainState:
     validate_config(config)
     mesh_lib.initialize_distributed(config.get("distributed"))
+    with _own_workdir(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: Any, workdir: str) -> TrainState:
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     batch_sharding = pipeline.batch_sharding(mesh)
     pipeline.per_host_batch_size(config.data.batch_size, batch_sharding, jax.process_count())
@@ -89,17 +171,11 @@ def train(config: Any, workdir: str) -> TrainState:
     frozen = jax.device_put(task.frozen, mesh_lib.replicated(mesh))
     data = pipeline.make_pipeline(config.data, batch_sharding, text=config.get("text"))
 
-    checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        save_every=config.train.checkpoint_every,
-        keep=config.train.keep_checkpoints,
-        keep_every=config.train.get("keep_every") or None,
-    )
-    restored = checkpointer.restore(checkpointing.abstract_like(state), data.iterator)
-    start_step = 0
-    if restored is not None:
-        state, start_step = restored
-        logging.info("resumed from step %d in %s", start_step, checkpointer.directory)
+    try:
+        checkpointer, state, start_step = _resume(config, workdir, state, data)
+    except BaseException:
+        data.close()
+        raise
 
     step_fn = jax.jit(
         functools.partial(

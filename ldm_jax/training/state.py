@@ -94,3 +94,9 @@ def init_sharded_state(
     shardings = partitioning.state_shardings(jax.eval_shape(boxed_state), mesh)
     state = jax.jit(lambda: nn.unbox(boxed_state()), out_shardings=shardings)()
     return state, shardings
+
+
+def tree_all_finite(tree: Any) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (integer leaves are skipped)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)

@@ -1,8 +1,8 @@
 """Pure training steps: `(state, frozen, batch) -> (state, metrics)`, jitted and sharded by the loop.
 
 * `train_step`: the generic update. Gradients of a `loss_fn(params, frozen, batch, key, step)` (optionally
-  accumulated over micro-batches inside the one jit), a non-finite guard (a step whose loss or
-  gradients are not finite leaves the state untouched and reports `finite=False`, so the loop can
+  accumulated over micro-batches inside the one jit), a non-finite guard (a step whose loss, gradients
+  or updated state are not finite leaves the state untouched and reports `finite=False`, so the loop can
   stop with the last good state), the optax update and the EMA.
 * `DiffusionObjective` + `diffusion_loss_fn`: the denoiser's loss on a batch of latents (cached, or
   encoded on the fly by a frozen VAE), conditioned on labels and/or text (cached embeddings, or
@@ -24,7 +24,7 @@ from ldm_jax.diffusion import objectives, schedules
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
 from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.text_conditioning import TEXT_KEYS, text_keys
-from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at
+from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, tree_all_finite
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
 PREDICTIONS = ("epsilon", "v", "x0", "flow")
@@ -96,13 +96,14 @@ def train_step(
 
     frozen: parameters the loss reads but does not train (e.g. the VAE encoding images on the fly),
       or None. Returns the new state and scalar metrics: loss (+ the loss's own terms), grad_norm,
-      learning_rate, finite (1.0 if the update was applied, 0.0 if it was skipped as non-finite).
+      learning_rate, finite (1.0 if the update was applied, 0.0 if it was skipped: a non-finite loss,
+      gradient, or updated parameter / optimizer moment / EMA value, e.g. from a huge learning rate).
     """
     key = jax.random.fold_in(state.rng, state.step)
     metrics, grads = loss_and_grads(loss_fn, state.params, frozen, batch, key, accumulation_steps, state.step)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updated = apply_gradients(state, grads, tx, ema_decay_at(state.step, ema_decay, ema_warmup))
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & tree_all_finite(updated)
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate(state.step),
                    finite=finite.astype(jnp.float32))
