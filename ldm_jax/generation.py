@@ -9,8 +9,9 @@ mask) it inpaints or upscales it (`image_conditioning`; any model inpaints train
 
 Per-sample randomness: sample i of a run with key K draws everything from
 `key_i = fold_in(K, i)`, split into (initial noise, sampler steps, label) keys (`sample_keys`);
-the stochastic samplers draw its step-s noise from `fold_in(steps_key_i, s)`. So sample i is the
-same whatever batch, batch position, chunk or device layout it is generated in.
+the stochastic samplers draw its step-s noise from `fold_in(steps_key_i, s)`. So sample i's
+randomness is the same whatever batch, batch position, chunk or device layout it is generated in;
+its pixels agree to float rounding (XLA blocks each matmul by the per-device batch shape).
 """
 from __future__ import annotations
 

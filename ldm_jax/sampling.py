@@ -10,8 +10,10 @@ over every device of every host, resumable, every sample reproducible on its own
     <out_dir>/chunks/<start>-<end>.npz   while sampling: images, labels, indices of [start, end)
 
 Sample i draws all its randomness from `fold_in(PRNGKey(sample.seed), i)` (`generation.Generator`)
-and its class from the same key or from i (`sample.labels`), so it is the same whatever batch,
-chunk, device count or host count generates it. Chunk k holds the samples [k·B, (k+1)·B) with
+and its class from the same key or from i (`sample.labels`), so its noise and class are the same
+whatever batch, chunk, device count or host count generates it; its pixels agree to float rounding
+(XLA blocks each matmul by the per-device batch: README), bit for bit for the same batch_size on as
+many devices. Chunk k holds the samples [k·B, (k+1)·B) with
 B = sample.batch_size (one global batch, the last one padded and trimmed: one compiled program);
 each is written atomically, so a killed run restarted with the same config skips the chunks it has
 and writes the rest. When all are there they are streamed into `samples.npz` (memory: one chunk)
@@ -210,14 +212,17 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
 
 
 def _read_image(path: str, field: str, mode: str) -> np.ndarray:
-    """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] ("L"); FileNotFoundError naming the field."""
+    """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] ("L"), 16-bit and float files scaled
+    by their range (`transforms.to_8bit`); FileNotFoundError / ValueError naming the field."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{field}={path}: no such file")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
+            return np.asarray(transforms.to_8bit(image, mode))
     except OSError as error:
         raise ValueError(f"{field}={path} is not a readable image ({error})") from error
+    except ValueError as error:
+        raise ValueError(f"{field}: {error}") from error
 
 
 def _image_inputs(settings: Any, generator: generation.Generator, vae_params: Any,

@@ -2,6 +2,7 @@
 import io
 import logging
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -134,6 +135,46 @@ def test_unchecked_unreadable_image_raises_naming_it_when_read(tmp_path):
     index = source.files.index(bad[0])
     with pytest.raises(ValueError, match="garbage.png"):
         source[index]
+
+
+# --- Images wider than 8 bits: scaled by their mode's range (transforms.to_8bit), never clipped. ---
+
+GRADIENT = np.arange(4 * 6).reshape(4, 6) / 23.0  # [4, 6] in [0, 1]
+# name -> (array written with PIL, its full-scale value)
+WIDE_IMAGES = {
+    "grey16.png": (np.round(GRADIENT * 65535).astype(np.uint16), 65535),  # opens as "I;16"
+    "int32.tif": (np.round(GRADIENT * 65535).astype(np.int32), 65535),  # opens as "I"
+    "float.tif": (GRADIENT.astype(np.float32), 1.0),  # opens as "F"
+}
+
+
+def test_16_bit_int32_and_float_images_are_scaled_by_their_range(tmp_path):
+    (tmp_path / "cls").mkdir()
+    for name, (array, _) in WIDE_IMAGES.items():
+        Image.fromarray(array).save(tmp_path / "cls" / name)
+    source = sources.ImageFolderSource(str(tmp_path), strict=True)
+    assert len(source) == 3
+    for i, path in enumerate(source.files):  # PIL's convert gave all-255 (16-bit, int32) and all-0 (float)
+        array, full_scale = WIDE_IMAGES[os.path.basename(path)]
+        expected = np.round(array.astype(np.float64) * 255 / full_scale).astype(np.uint8)  # 0..255
+        np.testing.assert_array_equal(np.asarray(source[i]["image"]), np.repeat(expected[..., None], 3, -1), path)
+
+
+@pytest.mark.parametrize("name, array, mode, values", [
+    ("float255.tif", GRADIENT.astype(np.float32) * 255, "'F'", "[0.0, 255.0]"),
+    ("int32.tif", (GRADIENT * 2**20).astype(np.int32), "'I'", "[0, 1048576]"),
+], ids=["float_beyond_1", "int32_beyond_16_bit"])
+def test_images_outside_their_modes_range_are_refused_naming_file_and_mode(tmp_path, name, array, mode, values):
+    _write_image(str(tmp_path / "cls" / "fine.png"), 10)
+    path = str(tmp_path / "cls" / name)
+    Image.fromarray(array).save(path)
+    message = re.escape(f"{path}: PIL mode {mode} holds values in {values}")
+    with pytest.raises(ValueError, match=message):
+        sources.ImageFolderSource(str(tmp_path), strict=True)
+    assert sources.ImageFolderSource(str(tmp_path)).skipped == [path]
+    unchecked = sources.ImageFolderSource(str(tmp_path), check_images=False)
+    with pytest.raises(ValueError, match=message):
+        unchecked[unchecked.files.index(path)]
 
 
 # --- TFDS: a tiny dataset of our own, prepared in array_record format and read back. ----------

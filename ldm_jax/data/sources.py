@@ -25,6 +25,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ldm_jax.data import transforms
+
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 # Every 6th digit (by position in scikit-learn's array) is held out: 300 test, 1,497 train images.
@@ -79,11 +81,12 @@ def _image_files(folder: str, recursive: bool) -> list[str]:
 
 
 def _decode_error(path: str) -> str | None:
-    """None when the file decodes completely (JPEGs at reduced scale, which is fast), else why not."""
+    """None when the file decodes completely (JPEGs at reduced scale, which is fast) and converts to
+    8-bit RGB (`transforms.to_8bit`), else why not."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (1, 1))
-            image.load()
+            transforms.to_8bit(image)
     except Exception as err:  # pylint: disable=broad-except  (PIL raises many kinds)
         return f"{type(err).__name__}: {err}"
     return None
@@ -138,7 +141,8 @@ def _drop_unreadable(
 
 
 class ImageFolderSource:
-    """Images in a folder, read with PIL when indexed (inside grain workers).
+    """Images in a folder, read with PIL when indexed (inside grain workers), as 8-bit RGB PIL images
+    (`transforms.to_8bit`: 16-bit and float images scaled by their range, out-of-range ones refused).
 
     Two layouts, told apart by what `path` holds:
       * class sub-folders `path/<class>/**/<image>`: label = index of the class name among the
@@ -180,7 +184,7 @@ class ImageFolderSource:
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                element: dict[str, Any] = {"image": image.convert("RGB")}
+                element: dict[str, Any] = {"image": transforms.to_8bit(image)}
         except Exception as err:  # pylint: disable=broad-except
             raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
         if self._labels is None:

@@ -16,10 +16,35 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 INPAINT_MASKS = ("box", "stroke")
+# Single-channel PIL modes wider than 8 bits -> the stored value of full intensity. "I" (32-bit ints)
+# is how Pillow decodes 16-bit PGM / PPM; int32 TIFFs open as "I" too and are read as 16-bit.
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8bit(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """Any PIL image -> a new, loaded PIL image of `mode` ("RGB" or "L"), 8 bits per channel.
+
+    PIL's `convert` clips wide modes to [0, 255] (16-bit images come out white, [0, 1] floats
+    black); here the modes of `_FULL_SCALE` are scaled by their range instead: 16-bit integers
+    ("I;16*", "I") by 255 / 65535, floats ("F") by 255. Values outside [0, full scale] raise a
+    one-line ValueError naming the file (`image.filename`) and its mode; they are never clipped.
+    """
+    full_scale = _FULL_SCALE.get(image.mode)
+    if full_scale is None:
+        return image.convert(mode)
+    values = np.asarray(image)  # [H, W]
+    low, high = values.min(), values.max()
+    if not (low >= 0 and high <= full_scale):  # NaN fails too
+        name = getattr(image, "filename", "") or "an image"
+        raise ValueError(f"{name}: PIL mode {image.mode!r} holds values in [{low}, {high}]; 8-bit conversion "
+                         f"takes [0, {full_scale}] (16-bit integers, or floats in [0, 1])")
+    grey = np.round(values.astype(np.float64) * (255.0 / full_scale)).astype(np.uint8)
+    return Image.fromarray(grey).convert(mode)
 
 
 def to_pil_rgb(image: Any) -> Image.Image:
-    """A PIL RGB image from a PIL image or a uint8 array `[H, W]`, `[H, W, 1]` or `[H, W, 3]`."""
+    """A PIL RGB image from a PIL image of any mode (`to_8bit`) or a uint8 array `[H, W]`,
+    `[H, W, 1]` or `[H, W, 3]`."""
     if not isinstance(image, Image.Image):
         array = np.asarray(image)
         if array.dtype != np.uint8:
@@ -27,7 +52,7 @@ def to_pil_rgb(image: Any) -> Image.Image:
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         image = Image.fromarray(array)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image if image.mode == "RGB" else to_8bit(image, "RGB")
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:

@@ -194,7 +194,7 @@ def image_files(folder: str) -> list[str]:
 
 def _read_rgb(path: str) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(transforms.to_8bit(image, "RGB"))  # 16-bit / float files by their range
 
 
 def _threaded_batches(
