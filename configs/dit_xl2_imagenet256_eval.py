@@ -28,14 +28,13 @@ guidance, VAE). Multi-host: run the same commands on every host (config.distribu
 """
 from ldm_jax.config import default_config
 
-VAE_SCALE = 0.18215  # sd-vae-ft-ema's scaling factor (its bundle carries it; decode = latents / scale)
-
 
 def get_config():
     config = default_config()
     config.model.update(preset="DiT-XL/2", input_size=256 // 8, in_channels=4, learn_sigma=True, num_classes=1000)
     config.diffusion.update(prediction="epsilon", beta_schedule="linear", num_timesteps=1000)
-    config.data.update(latent_scale=VAE_SCALE)
+    # Latents are sd-vae-ft-ema's scaled by its own scaling_factor (0.18215, carried by its bundle).
+    config.data.update(latent_norm="vae")
     config.vae.path = "weights/sd-vae-ft-ema"  # the converted sd-vae-ft-ema bundle
     config.sample.update(
         sampler="ddpm",

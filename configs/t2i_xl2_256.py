@@ -26,7 +26,7 @@ def get_config():
     config.mesh.update(data=-1, fsdp=1, tensor=1)
     config.data.update(
         source="latents", path="", image_size=256, batch_size=512, random_flip=False, latent_sample=True,
-        latent_norm="scale", latent_scale=0.18215, num_threads=8, prefetch_batches=4,
+        latent_norm="vae", num_threads=8, prefetch_batches=4,  # sd-vae-ft-ema's scaling_factor, from the cache
     )
     config.model = dict(
         preset="DiT-XL/2", input_size=32, in_channels=4, num_classes=0, class_dropout_prob=0.1,

@@ -9,7 +9,7 @@ Commands:
   evaluate  FID, sFID, Inception Score, precision/recall of samples against a reference (JSON)
   encode    cache VAE latents of the config's image data (config.vae.path) to --out, resumably;
             train on them with data.source="latents", data.path=<out>
-  convert   PyTorch weights -> a model bundle (--from, --src, --out)
+  convert   PyTorch weights -> a model bundle (--from, --src, --out; --overwrite replaces a bundle there)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
 flags.DEFINE_enum("from", None, CONVERT_FORMATS, "convert: the format of --src.")
 flags.DEFINE_string("src", None, "convert: a diffusers model folder or a .pt/.safetensors file.")
 flags.DEFINE_string("out", None, "convert: the model bundle directory; encode: the latent cache directory.")
+flags.DEFINE_bool("overwrite", False, "convert: replace the model bundle already at --out (never other files).")
 flags.DEFINE_integer("shard_size", 1024, "encode: examples per array_record shard.")
 flags.DEFINE_string("model", "DiT-XL/2", "convert (dit_official): the preset of the checkpoint.")
 flags.DEFINE_integer("image_size", 256, "convert (dit_official): the image resolution it was trained at.")
@@ -103,7 +104,7 @@ def encode_command() -> None:
     mesh_lib.initialize_distributed(config.get("distributed"))
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     data = pipeline.resolve_config(config.data)
-    vae, params, _ = tasks.load_vae(config.vae.path)
+    vae, params, identity = tasks.load_vae(config.vae.path)
     params = jax.device_put(params, mesh_lib.replicated(mesh))
 
     def encode(images):
@@ -114,6 +115,7 @@ def encode_command() -> None:
         downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
         sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
         num_threads=data.num_threads, text=text_conditioning.text_encoder_from_config(config.get("text")),
+        vae=identity,
     )
     print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "
           f"--config.data.source=latents --config.data.path={FLAGS.out}")
@@ -124,6 +126,7 @@ def convert_command() -> None:
     from ldm_jax.models import serialization
 
     _require("from", "src", "out")
+    out = serialization.check_target(FLAGS.out, FLAGS.overwrite)  # before the (long) conversion
     source = FLAGS["from"].value
     if source == "vae_diffusers":
         module, params = vae.vae_from_diffusers(FLAGS.src)
@@ -131,7 +134,8 @@ def convert_command() -> None:
         module, params = dit.dit_from_diffusers(FLAGS.src)
     else:
         module, params = dit.dit_from_official(FLAGS.src, model=FLAGS.model, image_size=FLAGS.image_size)
-    serialization.save_model(FLAGS.out, module, params, metadata={"source": os.path.abspath(FLAGS.src), "format": source})
+    serialization.save_model(out, module, params, metadata={"source": os.path.abspath(FLAGS.src), "format": source},
+                             overwrite=FLAGS.overwrite)
     print(f"wrote {type(module).__name__} bundle to {FLAGS.out}")
 
 
@@ -158,14 +162,41 @@ def main(argv: list[str]) -> None:
         sys.exit(f"ldm-jax {command}: error: {type(error).__name__}: {error}".splitlines()[0])
 
 
+def _split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without them, field paths) of the `--config.a.b=None` arguments: absl's typed config
+    flags cannot parse None, so optional fields are unset after parsing (`_set_none`)."""
+    kept, unset = [], []
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name.startswith("--config.") and value == "None":
+            unset.append(name[len("--config."):])
+        else:
+            kept.append(arg)
+    return kept, unset
+
+
+def _set_none(config, path: str) -> None:
+    *parents, field = path.split(".")
+    for name in parents + [field]:
+        if not hasattr(config, "keys") or name not in config:
+            raise ValueError(f"--config.{path}=None: the config has no field {path!r}")
+        section, config = config, config[name]
+    section[field] = None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a missing config file or a mistyped flag or config field reported
     in one line."""
     for arg in argv[1:]:
         if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":")[0]):
             sys.exit(f"ldm-jax: error in the flags: {arg}: no such config file")
+    argv, unset = _split_none_overrides(argv)
+    sys.argv = argv  # config_flags finds the override flags it defines in sys.argv
     try:
-        return FLAGS(argv)
+        remaining = FLAGS(argv)
+        for path in unset:
+            _set_none(FLAGS.config, path)
+        return remaining
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as error:
         while error.args and isinstance(error.args[0], Exception):  # config_flags wraps KeyErrors
             error = error.args[0]

@@ -8,7 +8,9 @@
      class-balanced samples (`ldm-jax sample`).
   4. A digits classifier (scikit-learn SVM on the training split, preprocessed exactly as the models
      see it) labels the samples: the fraction labelled with their intended class is the demo's
-     score, shown beside the classifier's own accuracy on the held-out split.
+     score, shown beside the classifier's own accuracy on the held-out split; the Frechet distance of
+     the samples to the held-out digits (in their native 8x8 grey levels) is shown beside that of
+     the real training digits, so diversity lost to guidance shows too.
 A stage whose exported model exists is not trained again, so a rerun resumes at the first
 unfinished stage (and an interrupted stage resumes from its checkpoint).
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from ldm_jax import sampling
 from ldm_jax.data import pipeline, transforms
+from ldm_jax.evaluation import metrics
 from ldm_jax.training import loop
 
 STAGES = ("vae_stage", "dit_stage")
@@ -82,6 +85,39 @@ def conditional_accuracy(classifier: Any, images: np.ndarray, labels: np.ndarray
     return float(np.mean(correct)), per_class
 
 
+def _native_grey(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, S, S, 3] -> grey levels in [0, 1] at the digits' native 8x8 (area average), [N, 64]."""
+    grey = images.astype(np.float64).mean(axis=-1) / 255.0
+    n, size = grey.shape[0], grey.shape[1]
+    return grey.reshape(n, 8, size // 8, 8, size // 8).mean(axis=(2, 4)).reshape(n, 64)
+
+
+def digits_frechet_distance(images: np.ndarray, reference: np.ndarray) -> float:
+    """Frechet distance between two sets of digit images [N, S, S, 3] (S a multiple of 8) in the
+    digits' own 64-D space (8x8 grey levels in [0, 1]): a distribution-level score, which guidance
+    that buys accuracy with diversity makes worse."""
+    return metrics.frechet_distance(*metrics.feature_statistics(_native_grey(images), "samples"),
+                                    *metrics.feature_statistics(_native_grey(reference), "reference"))
+
+
+def score_samples(images: np.ndarray, labels: np.ndarray, data_config: Any) -> dict[str, Any]:
+    """Class-conditional samples (uint8 [N, S, S, 3], intended labels [N]) scored against the digits:
+    the classifier's accuracy on them and on held-out real digits, and the Frechet distance of the
+    samples to the held-out digits beside that of as many real training digits (the first N)."""
+    classifier, held_out_accuracy = digits_classifier(data_config)
+    accuracy, per_class = conditional_accuracy(classifier, images, labels)
+    train_images, _ = preprocessed_digits(data_config, "train")
+    test_images, _ = preprocessed_digits(data_config, "test")
+    return {
+        "num_samples": int(len(labels)),
+        "conditional_accuracy": accuracy,
+        "conditional_accuracy_per_class": per_class,
+        "classifier_held_out_accuracy": held_out_accuracy,
+        "frechet_distance": digits_frechet_distance(images, test_images),
+        "frechet_distance_real_train": digits_frechet_distance(train_images[:len(images)], test_images),
+    }
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Runs the demo in `workdir`; returns (and writes to `<workdir>/demo.json`) its summary."""
     _validate(config)
@@ -93,21 +129,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     outputs = sampling.sample_from_config(dit_config, dit_workdir)
     with np.load(outputs["samples"]) as samples:
         images, labels = samples["arr_0"], samples["arr_1"]
-    classifier, held_out_accuracy = digits_classifier(dit_config.data)
-    accuracy, per_class = conditional_accuracy(classifier, images, labels)
-    summary = {
-        "grid": outputs["grid"],
-        "samples": outputs["samples"],
-        "num_samples": int(len(labels)),
-        "conditional_accuracy": accuracy,
-        "conditional_accuracy_per_class": per_class,
-        "classifier_held_out_accuracy": held_out_accuracy,
-    }
+    summary = {"grid": outputs["grid"], "samples": outputs["samples"], **score_samples(images, labels, dit_config.data)}
     with open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"sample grid (row r = digit r): {summary['grid']}")
-    print(f"a digits classifier recognises the intended digit in {accuracy:.1%} of {len(labels)} samples "
-          f"(its accuracy on held-out real digits: {held_out_accuracy:.1%}); per digit: "
-          + " ".join(f"{c}:{a:.0%}" for c, a in enumerate(per_class)))
+    print(f"a digits classifier recognises the intended digit in {summary['conditional_accuracy']:.1%} of "
+          f"{len(labels)} samples (its accuracy on held-out real digits: {summary['classifier_held_out_accuracy']:.1%}); "
+          "per digit: " + " ".join(f"{c}:{a:.0%}" for c, a in enumerate(summary["conditional_accuracy_per_class"])))
+    print(f"Frechet distance to held-out digits (8x8 grey levels): samples {summary['frechet_distance']:.3f}, "
+          f"real training digits {summary['frechet_distance_real_train']:.3f} (lower is closer)")
     print(f"models: {vae_model}, {os.path.join(dit_workdir, 'model')}; summary: {os.path.join(workdir, 'demo.json')}")
     return summary

@@ -140,6 +140,9 @@ class Generator:
     def __post_init__(self):
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
+        if self.sampler.clip_x0 is not None and self.decoder.vae is not None:
+            raise ValueError(f"sample.clip_x0={self.sampler.clip_x0} clips the predicted x0 to a pixel range, but this "
+                             "model denoises VAE latents, which it would distort: set --config.sample.clip_x0=None")
         if self.guided:
             self.guidance(null_cond=self.model.num_classes)  # validates the settings
             if not ((self.conditional or self.text_keys) and self.model.class_dropout_prob > 0):

@@ -21,8 +21,10 @@ and removed. A restart whose protocol differs from the stored one fails, naming 
 than mixing samples of two protocols (delete the out_dir to start afresh).
 
 The model is the bundle at sample.model_path (default `<workdir>/model`, what `train` exports; the
-`model` config section is not used); the schedule comes from `diffusion`, the sampler and guidance
-from `sample`, the decoder from `vae.path` (none: pixel space). Parameters are laid out on the mesh
+`model` config section is not used). What the bundle was trained with comes from the bundle: the
+diffusion objective (`diffusion`, which the config must not contradict) and the latent space (its
+VAE, found at the recorded path unless vae.path is set, and the latent normalisation:
+`latent_space.py`); the sampler and guidance come from `sample`. Parameters are laid out on the mesh
 by the logical axis rules; only process 0 writes files.
 
 Text-conditioned models: sample i uses prompt i mod P of sample.prompts (the CLI's --prompt) or of
@@ -54,13 +56,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
 import ldm_jax
-from ldm_jax import generation, image_conditioning, text_conditioning
+from ldm_jax import generation, image_conditioning, latent_space, text_conditioning
 from ldm_jax.data import transforms
 from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.models import serialization
@@ -154,7 +157,7 @@ def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTas
     encoder, text_params = loaded
     protocol = {**prompts_protocol, **encoder.describe(), "encoder_path": os.path.abspath(config.text.encoder_path),
                 "tokenizer_path": os.path.abspath(config.text.tokenizer_path),
-                "weights_sha256": params_sha256(text_params)}
+                "weights_sha256": serialization.params_sha256(text_params)}
     return text_conditioning.PromptConditions(encoder, text_params, prompts, keys), protocol
 
 
@@ -171,20 +174,15 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     _check_class(model, model_path, field, "DiT")
     image_task = ImageTask.from_config(metadata.get("image_task"))
     prompts, text_protocol = _prompt_conditions(config, model, f"{field}={model_path}", image_task)
-    weights_sha256 = params_sha256(params)
+    weights_sha256 = serialization.params_sha256(params)
     params = _place(params, _param_shardings(model, mesh))
 
-    decoder, vae_params, vae_protocol = generation.LatentDecoder(), None, "pixel space"
-    if config.vae.path:
-        vae_path = os.path.abspath(config.vae.path)
-        vae, vae_params, (shift, scale) = tasks.load_vae(vae_path)
-        _check_class(vae, vae_path, "vae.path", "AutoencoderKL")
-        decoder = generation.LatentDecoder(vae, shift, scale)
-        vae_protocol = {"path": vae_path, "weights_sha256": params_sha256(vae_params), "shift": shift,
-                        "scale": scale, **serialization.module_config(vae)}
+    decoder, vae_params, vae_protocol = _decoder(config, metadata.get("latents"), f"{field}={model_path}")
+    if vae_params is not None:
         vae_params = _place(vae_params, jax.tree.map(lambda _: mesh_lib.replicated(mesh), vae_params))
 
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    diffusion = _trained_diffusion(config, metadata.get("diffusion"), f"{field}={model_path}")
+    objective = steps.objective_from_config(diffusion, learn_sigma=model.learn_sigma)
     sampler = tasks.sampler_from_config(settings, objective)
     generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder, image_task)
     image_inputs, image_protocol = _image_inputs(settings, generator, vae_params, f"{field}={model_path}")
@@ -192,7 +190,7 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
         "model": serialization.module_config(model),
         "model_path": model_path,
         "weights_sha256": weights_sha256,
-        "diffusion": config.diffusion.to_dict(),
+        "diffusion": dict(diffusion),
         "sampler": dataclasses.asdict(sampler),
         "guidance": {"scale": generator.guidance_scale, "interval": generator.guidance_interval,
                      "guided_channels": generator.guided_channels},
@@ -209,6 +207,39 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     if image_protocol is not None:
         protocol["image_task"] = image_protocol
     return generator, params, vae_params, prompts, image_inputs, json.loads(json.dumps(protocol))
+
+
+def _decoder(config: Any, latents: dict | None, where: str) -> tuple[generation.LatentDecoder, Any, Any]:
+    """(decoder, VAE params or None, protocol) for a bundle trained on `latents`
+    (`latent_space.training_record`; None: not recorded, e.g. converted weights: the VAE's own factors).
+    The VAE is vae.path, or the one the bundle records; a contradiction is a ValueError naming both."""
+    recorded = ((latents or {}).get("vae") or {}).get("path", "")
+    vae_path = os.path.abspath(config.vae.path or recorded) if (config.vae.path or recorded) else ""
+    identity = None
+    if vae_path:
+        _require_bundle(vae_path, "vae.path" if config.vae.path else f"vae.path (unset: the VAE {where} was trained with)")
+        vae, vae_params, identity = tasks.load_vae(vae_path)
+    latent_space.check_vae(latents, vae_path, identity, where)
+    if identity is None:
+        return generation.LatentDecoder(), None, "pixel space"
+    latents = latents or {"shift": identity["shift_factor"], "scale": identity["scaling_factor"]}
+    protocol = {"path": vae_path, "weights_sha256": identity["weights_sha256"], "shift": latents["shift"],
+                "scale": latents["scale"], **serialization.module_config(vae)}
+    return generation.LatentDecoder(vae, *latent_space.as_arrays(latents)), vae_params, protocol
+
+
+def _trained_diffusion(config: Any, trained: dict | None, where: str) -> Any:
+    """The diffusion objective's settings: the bundle's (`trained`), which `config.diffusion` must not
+    contradict; the config's when the bundle records none (converted weights)."""
+    if trained is None:
+        return config.diffusion
+    given = json.loads(json.dumps(config.diffusion.to_dict()))
+    differing = sorted(k for k in trained if k in given and given[k] != trained[k])
+    if differing:
+        raise ValueError(f"{where} was trained with " + ", ".join(f"diffusion.{k}={trained[k]!r}" for k in differing)
+                         + "; the config says " + ", ".join(f"{given[k]!r}" for k in differing)
+                         + " (leave them at the trained values)")
+    return ml_collections.ConfigDict(trained)
 
 
 def _read_image(path: str, field: str, mode: str) -> np.ndarray:
@@ -289,18 +320,6 @@ def _param_shardings(model: Any, mesh: jax.sharding.Mesh) -> Any:
     boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, model.in_channels)),
                            jnp.zeros((1,)), generation.example_conditions(model))["params"]
     return partitioning.state_shardings(boxed, mesh)
-
-
-def params_sha256(params: Any) -> str:
-    """sha256 over the parameter leaves in tree order (path, dtype, shape and bytes of each).
-
-    Leaves must be fully present on this host (numpy, or replicated / single-device jax arrays)."""
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
 
 
 def _is_leader() -> bool:

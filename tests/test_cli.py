@@ -1,12 +1,16 @@
 """The `ldm-jax` commands as users run them (real subprocesses): convert and encode."""
+import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from ldm_jax import latent_space
 from ldm_jax.convert.dit import dit_from_diffusers
 from ldm_jax.data import sources
 from ldm_jax.data.transforms import center_crop_arr, to_pil_rgb, to_unit_range
@@ -16,9 +20,22 @@ from ldm_jax.models.vae import AutoencoderKL
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ldm_jax.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+def _cli(*args, cwd=ROOT, timeout=900):
+    return subprocess.run([sys.executable, "-m", "ldm_jax.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _convert(fixtures_dir, out, *args, **kwargs):
+    return _cli("convert", "--from=dit_diffusers", f"--src={fixtures_dir / 'dit_tiny_diffusers'}", f"--out={out}",
+                *args, **kwargs)
+
+
+def _one_line_error(result):
+    """The last line of a failed command's stderr: its one-line error (no traceback printed)."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("ldm-jax convert: error: "), result.stderr[-3000:]
+    return line
 
 
 def test_convert_command_writes_a_loadable_bundle(tmp_path, fixtures_dir):
@@ -34,6 +51,44 @@ def test_convert_command_writes_a_loadable_bundle(tmp_path, fixtures_dir):
     out_a = module.apply({"params": params}, x, jnp.asarray(data["t"]), jnp.asarray(data["y"]))
     out_b = reference_module.apply({"params": reference_params}, x, jnp.asarray(data["t"]), jnp.asarray(data["y"]))
     np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_b))
+    again = _convert(fixtures_dir, out)
+    assert "holds a model bundle already; pass --overwrite" in _one_line_error(again)
+    replaced = _convert(fixtures_dir, out, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dit"]
+
+
+def test_convert_never_deletes_files_it_did_not_write(tmp_path, fixtures_dir):
+    (tmp_path / "notes.txt").write_text("notes")
+    error = _one_line_error(_convert(fixtures_dir, ".", cwd=tmp_path))
+    assert f"{tmp_path} is neither empty nor a model bundle (it holds notes.txt)" in error
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "data.csv").write_text("1,2")
+    (folder / "thesis.txt").write_text("years of work")
+    error = _one_line_error(_convert(fixtures_dir, folder, "--overwrite"))
+    assert f"{folder} is neither empty nor a model bundle (it holds sub/, thesis.txt)" in error
+    assert (folder / "thesis.txt").read_text() == "years of work" and (folder / "sub" / "data.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.txt"]
+
+
+def _read_only_dir(tmp_path):
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    return tmp_path / "read_only" / "bundle"
+
+
+@pytest.mark.parametrize("target", [
+    pytest.param(lambda tmp_path: tmp_path / "file" / "bundle", id="under-a-file"),
+    pytest.param(lambda tmp_path: pathlib.Path("/proc/ldm_jax_test/bundle"), id="unwritable-even-for-root"),
+    pytest.param(_read_only_dir, id="read-only-dir", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root may write to a read-only directory")),
+])
+def test_convert_to_an_unwritable_target_exits_promptly(tmp_path, fixtures_dir, target):
+    (tmp_path / "file").write_text("x")
+    start = time.monotonic()
+    result = _convert(fixtures_dir, target(tmp_path), timeout=60)  # it used to hang (orbax's threads)
+    assert time.monotonic() - start < 60
+    assert str(target(tmp_path).parent) in _one_line_error(result)
 
 
 def test_convert_command_reports_missing_flags():
@@ -52,6 +107,7 @@ def test_encode_command_caches_what_the_vae_encodes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--config.data.source=latents" in result.stdout
     cache = sources.LatentSource(str(tmp_path / "latents"))
+    assert cache.meta["vae"] == latent_space.vae_identity(vae, params)  # what training checks vae.path against
     digits = sources.DigitsSource("test")
     assert len(cache) == len(digits) == 300
     images = np.stack([to_unit_range(center_crop_arr(to_pil_rgb(digits[i]["image"]), 16)) for i in (0, 299)])

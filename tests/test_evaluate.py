@@ -254,7 +254,7 @@ def test_eval_config_pins_dits_protocol_and_builds():
     shape = (model.input_size, model.patch_size, model.in_channels, model.hidden_size, model.depth)
     assert shape == (32, 2, 4, 1152, 28)
     assert model.learn_sigma and model.num_classes == 1000
-    assert config.data.latent_scale == 0.18215
+    assert config.data.latent_norm == "vae"  # sd-vae-ft-ema's own scaling_factor, 0.18215
     s = config.sample
     assert (s.num_samples, s.labels, s.guidance_scale, s.guided_channels) == (50_000, "random", 1.5, 3)
     assert (config.evaluate.num_splits, config.evaluate.k) == (10, 3)

@@ -36,8 +36,8 @@ def inpainter(tmp_path_factory):
 
 def test_inpainting_keeps_the_known_half_and_completes_the_digit(inpainter):
     config, task, state = inpainter
-    vae, vae_params, (shift, scale) = tasks.load_vae(config.vae.path)
-    decoder = generation.LatentDecoder(vae, shift, scale)
+    vae, vae_params, identity = tasks.load_vae(config.vae.path)
+    decoder = generation.LatentDecoder(vae, identity["shift_factor"], identity["scaling_factor"])
     images, labels = demo.preprocessed_digits(config.data, "test")
     images, labels = images[:200], labels[:200]
     x = jnp.asarray(transforms.to_unit_range(images))

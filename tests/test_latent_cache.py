@@ -1,7 +1,11 @@
 """Latent caching: cached posteriors equal on-the-fly encoding; resume, multi-host shards, reading."""
+import errno
+import json
 import logging
 import os
+import re
 
+from array_record.python import array_record_module
 import jax
 import numpy as np
 from PIL import Image
@@ -106,13 +110,14 @@ def test_channel_stats_match_the_whole_cache(cache_dir, expected):
 
 def _latent_config(cache, **overrides):
     config = pipeline.default_config()
-    config.update(dict(source="latents", path=cache, batch_size=16, shuffle=False, num_threads=2))
+    # These caches come from a stand-in encoder, not a VAE bundle: normalised by data.latent_scale.
+    config.update(dict(source="latents", path=cache, batch_size=16, shuffle=False, num_threads=2, latent_norm="scale"))
     config.update(overrides)
     return config
 
 
 def test_latent_pipeline_mode_and_flip_variants(cache_dir, expected, sharding):
-    mode_config = _latent_config(cache_dir, latent_sample=False, random_flip=False)
+    mode_config = _latent_config(cache_dir, latent_sample=False, random_flip=False, latent_scale=0.18215)
     plain = pipeline.make_pipeline(mode_config, sharding)
     batch = next(plain)
     assert set(batch) == {"latent", "label"} and batch["latent"].sharding.is_equivalent_to(sharding, 4)
@@ -171,10 +176,12 @@ def test_interrupted_run_resumes_skipping_finished_shards(tmp_path, digits, shar
     with pytest.raises(RuntimeError, match="killed"):
         _cache(FailingAt(digits, fail_at=150), tmp_path, sharding)
     names = sorted(os.listdir(tmp_path))
-    assert "latents-00002-of-00005.array_record.tmp" in names  # shard 2 half-written
-    assert "latents-00002-of-00005.array_record" not in names
+    assert "latents-00001-of-00005.array_record" in names
+    assert not [n for n in names if n.startswith("latents-00002") or n.endswith(".tmp")]  # the failure cleaned up
     with pytest.raises(ValueError, match="incomplete"):
         sources.LatentSource(str(tmp_path))
+    # A run killed while writing shard 2 leaves its temporary file.
+    (tmp_path / "latents-00002-of-00005.array_record.tmp").write_bytes(b"half a shard")
     finished = sources.latent_shard_path(str(tmp_path), 0, 5)
     mtime = os.stat(finished).st_mtime_ns
     # A finished-looking shard that is truncated must be rewritten as well.
@@ -192,6 +199,39 @@ def test_interrupted_run_resumes_skipping_finished_shards(tmp_path, digits, shar
     cached = _read_all(str(tmp_path))
     np.testing.assert_array_equal(cached["index"], np.arange(300))
     np.testing.assert_allclose(cached["mean"], expected["mean"], rtol=1e-6, atol=1e-6)
+
+
+class FullDiskWriter(array_record_module.ArrayRecordWriter):
+    """array_record's writer on a full disk: its buffered writes fail when it flushes (closes)."""
+
+    def close(self):
+        super().close()
+        raise RuntimeError("write() failed: No space left on device; writing shard.tmp; at byte 65536")
+
+
+def _json_full_disk_at(key):
+    """json.dump, raising ENOSPC as a full disk does when its content has `key`."""
+    dump = json.dump
+
+    def full_disk_dump(content, f, **kwargs):
+        if key in content:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return dump(content, f, **kwargs)
+
+    return full_disk_dump
+
+
+@pytest.mark.parametrize("failing", ["shard", "shard sums", "meta"])
+def test_a_full_disk_is_one_error_and_leaves_no_temporary_file(tmp_path, digits, sharding, monkeypatch, failing):
+    if failing == "shard":
+        monkeypatch.setattr(latent_cache.array_record_module, "ArrayRecordWriter", FullDiskWriter)
+    else:
+        monkeypatch.setattr(latent_cache.json, "dump", _json_full_disk_at("sum_mean" if failing == "shard sums"
+                                                                            else "format_version"))
+    with pytest.raises(OSError, match=re.escape(f"disk full: '{tmp_path}'")) as raised:
+        _cache(digits, tmp_path, sharding)
+    assert raised.value.errno == errno.ENOSPC
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 def test_each_simulated_host_writes_its_own_shards(tmp_path, digits, sharding, expected):
@@ -263,7 +303,7 @@ latent_cache.cache_latents(sources.DigitsSource("test"), t.encode_fn, sys.argv[3
 multihost_utils.sync_global_devices("cached")
 config = pipeline.default_config()
 config.update(dict(source="latents", path=sys.argv[3], batch_size=8, shuffle=False, random_flip=False,
-                   latent_sample=False, latent_scale=1.0))
+                   latent_sample=False, latent_norm="scale", latent_scale=1.0))
 batch = next(pipeline.make_pipeline(config, sharding))
 latent = multihost_utils.process_allgather(batch["latent"], tiled=True)
 cache = sources.LatentSource(sys.argv[3])

@@ -458,8 +458,8 @@ def test_dit_xl2_config_is_the_paper_recipe():
     sampler = tasks.sampler_from_config(config.sample, objective)
     assert (sampler.sampler, sampler.num_steps, sampler.spacing, sampler.variance) == ("ddpm", 250, "linspace", "learned_range")
     assert (config.sample.guidance_scale, config.sample.guided_channels) == (1.5, 3)
-    assert (config.data.source, config.data.batch_size, config.data.random_flip, config.data.latent_scale) == (
-        "latents", 256, True, 0.18215)
+    assert (config.data.source, config.data.batch_size, config.data.random_flip, config.data.latent_norm) == (
+        "latents", 256, True, "vae")
     assert (config.optimizer.name, config.optimizer.learning_rate, config.optimizer.weight_decay,
             config.optimizer.schedule) == ("adamw", 1e-4, 0.0, "constant")
     assert (config.ema.decay, config.ema.warmup, config.train.num_steps) == (0.9999, False, 7_000_000)

@@ -171,10 +171,10 @@ def test_protocol_records_the_run_and_hashes_the_weights(bundle, reference):
     assert {k: protocol[k] for k in ("seed", "labels", "num_samples", "batch_size")} == \
         {"seed": 3, "labels": "random", "num_samples": 52, "batch_size": 8}
     assert protocol["versions"] == {"ldm_jax": "0.1.0", "jax": jax.__version__}
-    assert protocol["weights_sha256"] == sampling.params_sha256(params)
+    assert protocol["weights_sha256"] == serialization.params_sha256(params)
     changed = jax.tree.map(np.copy, params)
     changed["blocks_1"]["mlp"]["fc1"]["kernel"][3, 5] += 1e-3
-    assert sampling.params_sha256(changed) != protocol["weights_sha256"]
+    assert serialization.params_sha256(changed) != protocol["weights_sha256"]
     grid = np.asarray(Image.open(reference / "grid.png"))
     assert grid.shape == (3 * 8, 4 * 8, 3)
 
@@ -258,6 +258,10 @@ def test_unconditional_latent_model_through_a_vae(tmp_path):
     serialization.save_model(tmp_path / "model", model, random_params(model, jnp.zeros((1, 4, 4, 4)), jnp.zeros((1,))))
     config = _config("", "", sampler="ddim", num_steps=2, num_samples=5, guidance_scale=1.0)
     config.vae.path = str(tmp_path / "vae")
+    # configs/dit_digits.py clips x0 to pixels' [-1, 1]: applied to latents that is an error, not a silent distortion.
+    with pytest.raises(ValueError, match=r"sample.clip_x0=1.0 .* VAE latents.* --config.sample.clip_x0=None"):
+        sampling.sample_from_config(config, str(tmp_path))
+    config.sample.clip_x0 = None
     outputs = sampling.sample_from_config(config, str(tmp_path))
     assert outputs["grid"] == str(tmp_path / "samples" / "grid.png")
     assert np.asarray(Image.open(outputs["grid"])).shape == (3 * 8, 4 * 8, 3)

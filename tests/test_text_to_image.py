@@ -193,7 +193,8 @@ def test_cached_text_embeddings_give_the_loss_of_encoding_on_the_fly(text_cache,
     assert meta["text"] == encoder.describe() and meta["fields"] == ["label", "caption"]
     text_config = {**clip_paths, "max_length": MAX_LENGTH}
     cached = next(pipeline.make_pipeline(
-        _digits_data(source="latents", path=cache_dir, caption_template=""), _sharding(), text=text_config))
+        _digits_data(source="latents", path=cache_dir, caption_template="", latent_norm="scale"), _sharding(),
+        text=text_config))
     on_the_fly = next(pipeline.make_pipeline(_digits_data(), _sharding(), text=text_config))  # the same 8 digits
     assert sorted(cached) == ["context", "context_mask", "label", "latent", "pooled"]
     assert sorted(on_the_fly) == ["attention_mask", "image", "input_ids", "label"]
@@ -224,7 +225,7 @@ def test_training_on_cached_text_needs_no_text_encoder(text_cache, clip_paths):
     cache_dir, _ = text_cache
     config = _config(clip_paths)
     config.text.update(encoder_path="", tokenizer_path="")
-    config.data.update(source="latents", path=cache_dir, caption_template="", latent_sample=False)
+    config.data.update(source="latents", path=cache_dir, caption_template="", latent_sample=False, latent_norm="scale")
     config.model.update(input_size=4)
     config.train.update(preview_every=0)
     task = tasks.make_task(config)
@@ -294,7 +295,7 @@ def test_sample_command_takes_prompts_and_truncates_long_ones(trained, tmp_path,
     assert result.stderr.count(f"has {num_tokens} tokens, more than max_length={MAX_LENGTH}: truncated") == 1
     protocol = json.loads((tmp_path / "samples" / "protocol.json").read_text())["text"]
     assert protocol["prompts"] == ["the digit three", long_prompt]
-    assert protocol["weights_sha256"] == sampling.params_sha256(text_params)
+    assert protocol["weights_sha256"] == serialization.params_sha256(text_params)
     assert protocol["tokenizer_sha256"] == text_conditioning.tokenizer_sha256(encoder.tokenizer)
     assert protocol["encoder_path"] == clip_paths["encoder_path"] and protocol["max_length"] == MAX_LENGTH
 

@@ -14,10 +14,12 @@ runs the text encoder, and its caption dropout uses the same encoder's empty cap
 
 Resumable and multi-host: shard k holds examples [k * shard_size, (k + 1) * shard_size) and is
 written by process k % process_count, first under a temporary name, renamed when complete. A rerun
-skips finished shards and rewrites unfinished ones (a killed run leaves only a `.tmp` file).
+skips finished shards and rewrites unfinished ones (a killed run leaves only a `.tmp` file; a run
+that fails removes its `.tmp` files). A full disk is reported as one OSError(ENOSPC) naming the cache.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -36,6 +38,7 @@ import numpy as np
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
+from ldm_jax.models import serialization
 from ldm_jax.parallel import partitioning
 
 FORMAT_VERSION = 1
@@ -78,10 +81,8 @@ def _write_empty_caption(out_dir: str, text: tuple[Any, Any], dtype: str) -> Non
     """The empty caption's text conditions (in the stored dtype, as the cached ones) -> EMPTY_CAPTION."""
     encoder, params = text
     null = {k: _stored(v, dtype) for k, v in encoder.null_condition(params).items()}
-    path = os.path.join(out_dir, sources.EMPTY_CAPTION)
-    with open(path + ".tmp", "wb") as f:
+    with _written_atomically(os.path.join(out_dir, sources.EMPTY_CAPTION)) as tmp, open(tmp, "wb") as f:
         np.savez(f, **null)
-    os.replace(path + ".tmp", path)
 
 
 class _WithIndex(grain.transforms.MapWithIndex):
@@ -109,10 +110,26 @@ def _image_batches(
     return iter(dataset.to_iter_dataset(read_options).batch(batch))
 
 
+@contextlib.contextmanager
+def _written_atomically(path: str) -> Iterator[str]:
+    """Yields the temporary name to write `path` under; renames it to `path` after the block, or
+    removes it when the block fails."""
+    try:
+        yield path + ".tmp"
+        os.replace(path + ".tmp", path)
+    except BaseException:
+        _remove_if_exists(path + ".tmp")
+        raise
+
+
+def _remove_if_exists(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def _write_json_atomic(path: str, content: Any) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with _written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def _check_or_write_meta(
@@ -167,6 +184,23 @@ class _ShardWriter:
         _write_json_atomic(self.path + ".json", {k: np.asarray(v).tolist() for k, v in self._sums.items()})
         os.replace(self.path + ".tmp", self.path)
 
+    def abort(self) -> None:
+        """Removes the unfinished shard (closing a writer whose write failed raises that error again)."""
+        with contextlib.suppress(RuntimeError):
+            self._writer.close()
+        _remove_if_exists(self.path + ".tmp")
+
+
+@contextlib.contextmanager
+def _aborting_on_failure(writers: dict[int, _ShardWriter]) -> Iterator[None]:
+    """Aborts the shards still open in `writers` when the block fails: a failed run leaves no `.tmp`."""
+    try:
+        yield
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+
 
 def cache_latents(
     source: Sequence[dict[str, Any]],
@@ -185,6 +219,7 @@ def cache_latents(
     process_count: int | None = None,
     log_every_s: float = 30.0,
     text: tuple[Any, Any] | None = None,
+    vae: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Encodes every example of `source` and writes the latent cache to `out_dir`; returns its meta.
 
@@ -206,6 +241,8 @@ def cache_latents(
       log_every_s: seconds between progress lines.
       text: (`text_conditioning.TextEncoder`, its params): also cache each caption's text
         embeddings (the source must give captions) and the empty caption's (module docstring).
+      vae: the encoding VAE's `latent_space.vae_identity` (weights sha256, scaling/shift factors),
+        recorded in the meta: training checks it against vae.path and normalises by it.
     """
     if image_size % downsample_factor:
         raise ValueError(
@@ -261,11 +298,13 @@ def cache_latents(
         "fields": [f for f in ("label", "caption") if f in first],
         "class_names": list(class_names) if class_names else None,
         "text": text_meta,
+        "vae": vae,
         "source": repr(source),
     }
-    os.makedirs(out_dir, exist_ok=True)
     write_first = None if text is None else functools.partial(_write_empty_caption, out_dir, text, dtype)
-    _check_or_write_meta(out_dir, meta, process_index, write_first)
+    with serialization.reporting_disk_full(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        _check_or_write_meta(out_dir, meta, process_index, write_first)
 
     paths = [sources.latent_shard_path(out_dir, k, len(sizes)) for k in range(len(sizes))]
     mine = [k for k in range(len(sizes)) if k % process_count == process_index]
@@ -283,43 +322,45 @@ def cache_latents(
 
     writers: dict[int, _ShardWriter] = {}
     done, start, last_log = 0, time.time(), time.time()
-    for _ in range(steps):
-        batch = next(batches, None)
-        inputs = {"image": np.zeros((per_host,) + image_shape, np.float32)}
-        if text is not None:
-            inputs.update({name: np.zeros((per_host, text_length), np.int32) for name in ("ids", "mask")})
-        valid = 0 if batch is None else len(batch["index"])
-        if batch is not None:
-            inputs["image"][:valid] = batch["image"]
+    with serialization.reporting_disk_full(out_dir), _aborting_on_failure(writers):
+        for _ in range(steps):
+            batch = next(batches, None)
+            inputs = {"image": np.zeros((per_host,) + image_shape, np.float32)}
             if text is not None:
-                inputs["ids"][:valid], inputs["mask"][:valid] = text[0].tokenize([str(c) for c in batch["caption"]])
-        inputs = pipeline.to_global(inputs, sharding)
-        tokens = None if text is None else (inputs["ids"], inputs["mask"])
-        outputs = encode(inputs["image"], tokens)
-        outputs = multihost_utils.global_array_to_host_local_array(
-            outputs, sharding.mesh, jax.tree.map(lambda _: sharding.spec, outputs)
-        )
-        mean, std = (np.asarray(m)[:valid].astype(dtype) for m in outputs[:2])
-        embeddings = {k: np.asarray(v)[:valid] for k, v in outputs[2].items()}
-        for row in range(valid):
-            index = int(batch["index"][row])
-            shard = index // shard_size
-            if shard not in writers:
-                writers[shard] = _ShardWriter(paths[shard])
-            record = {"index": index, "mean": mean[row], "std": std[row]}
-            record.update({f: batch[f][row].item() for f in meta["fields"]})
-            record.update({k: _stored(v[row], dtype) for k, v in embeddings.items()})
-            writers[shard].write(record)
-            if writers[shard].count == sizes[shard]:
-                writers.pop(shard).finish()
-        done += valid
-        if time.time() - last_log >= log_every_s:
-            last_log = time.time()
-            rate = done / (last_log - start)
-            logging.info(
-                "cache_latents: %d/%d examples (%.1f/s, %.0f s left)",
-                done, num_pending, rate, (num_pending - done) / max(rate, 1e-9),
-            )  # fmt: skip
+                inputs.update({name: np.zeros((per_host, text_length), np.int32) for name in ("ids", "mask")})
+            valid = 0 if batch is None else len(batch["index"])
+            if batch is not None:
+                inputs["image"][:valid] = batch["image"]
+                if text is not None:
+                    inputs["ids"][:valid], inputs["mask"][:valid] = text[0].tokenize([str(c) for c in batch["caption"]])
+            inputs = pipeline.to_global(inputs, sharding)
+            tokens = None if text is None else (inputs["ids"], inputs["mask"])
+            outputs = encode(inputs["image"], tokens)
+            outputs = multihost_utils.global_array_to_host_local_array(
+                outputs, sharding.mesh, jax.tree.map(lambda _: sharding.spec, outputs)
+            )
+            mean, std = (np.asarray(m)[:valid].astype(dtype) for m in outputs[:2])
+            embeddings = {k: np.asarray(v)[:valid] for k, v in outputs[2].items()}
+            for row in range(valid):
+                index = int(batch["index"][row])
+                shard = index // shard_size
+                if shard not in writers:
+                    writers[shard] = _ShardWriter(paths[shard])
+                record = {"index": index, "mean": mean[row], "std": std[row]}
+                record.update({f: batch[f][row].item() for f in meta["fields"]})
+                record.update({k: _stored(v[row], dtype) for k, v in embeddings.items()})
+                writers[shard].write(record)
+                if writers[shard].count == sizes[shard]:
+                    writers[shard].finish()
+                    del writers[shard]
+            done += valid
+            if time.time() - last_log >= log_every_s:
+                last_log = time.time()
+                rate = done / (last_log - start)
+                logging.info(
+                    "cache_latents: %d/%d examples (%.1f/s, %.0f s left)",
+                    done, num_pending, rate, (num_pending - done) / max(rate, 1e-9),
+                )  # fmt: skip
     elapsed = time.time() - start
     logging.info("cache_latents: process %d done, %d examples in %.1f s", process_index, done, elapsed)
     return meta

@@ -44,13 +44,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from ldm_jax import latent_space
 from ldm_jax.data import sources as sources_lib
 from ldm_jax.data import transforms
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.parallel import partitioning
 
 SOURCES = ("digits", "image_folder", "tfds", "latents")
-LATENT_NORMS = ("scale", "channel")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,8 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
             strict=False,  # image folders: bad files raise instead of being skipped
             inpaint_masks=(),  # random inpainting masks per image ("box", "stroke"): the batch's "mask"
             latent_sample=True,  # latents: z = mean + std * eps (False: z = mean, the mode)
-            latent_norm="scale",  # "scale": (z - latent_shift) * latent_scale; "channel": per-channel
-            latent_scale=0.18215,  # SD-VAE scaling factor
+            # latents = (z - shift) * scale: "vae" (the VAE's own scaling/shift factors), "channel"
+            # (a latent cache's per-channel statistics) or "scale" (the two fields below): latent_space.py
+            latent_norm="vae",
+            latent_scale=1.0,
             latent_shift=0.0,
         )
     )
@@ -96,8 +98,8 @@ def resolve_config(config: Any) -> ml_collections.ConfigDict:
     resolved.update(dict(config.items()))
     if resolved.source not in SOURCES:
         raise ValueError(f"data.source={resolved.source!r}; use one of {SOURCES}")
-    if resolved.latent_norm not in LATENT_NORMS:
-        raise ValueError(f"data.latent_norm={resolved.latent_norm!r}; use one of {LATENT_NORMS}")
+    if resolved.latent_norm not in latent_space.NORMS:
+        raise ValueError(f"data.latent_norm={resolved.latent_norm!r}; use one of {latent_space.NORMS}")
     unknown_masks = sorted(set(resolved.inpaint_masks) - set(transforms.INPAINT_MASKS))
     if unknown_masks:
         raise ValueError(f"data.inpaint_masks={tuple(resolved.inpaint_masks)}: unknown kind(s) {unknown_masks}; "
@@ -191,18 +193,10 @@ def host_slot(sharding: NamedSharding, global_batch: int) -> int:
     return ranked.index(jax.process_index())
 
 
-def latent_normalization(config: Any, source: Any) -> tuple[np.ndarray, np.ndarray]:
-    """`(shift, scale)` with `latent = (z - shift) * scale`: scalars, or per-channel `[C]` stats."""
-    if config.latent_norm == "channel":
-        mean, std = source.channel_stats()
-        return mean, 1.0 / std
-    return np.float32(config.latent_shift), np.float32(config.latent_scale)
-
-
 def example_transform(config: Any, source: Any) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
     """The per-example grain transform for `config`, and the latent `(shift, scale)` (None for images)."""
     if config.source == "latents":
-        shift, scale = latent_normalization(config, source)
+        shift, scale = (np.asarray(v, np.float32) for v in latent_space.normalisation(config, None, source))
         transform = transforms.LatentFromPosterior(config.latent_sample, config.random_flip, shift, scale)
         return transform, (shift, scale)
     return transforms.CropFlipToUnitRange(config.image_size, config.random_flip), None

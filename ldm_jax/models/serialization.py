@@ -3,23 +3,35 @@
     <path>/model.json   {"class": "DiT", "config": {...module fields...}, "metadata": {...}}
     <path>/params/      orbax (plain 'params' collection, float32)
 
-This is what `ldm-jax convert` writes and what sampling/evaluation read. A bundle is written to
-`<path>.tmp` and renamed into place, so an interrupted write never leaves a bundle that looks whole.
+This is what `ldm-jax convert` writes and what sampling/evaluation read. `save_model` never deletes
+what it did not write: it refuses a target that is neither missing, an empty directory nor a bundle
+(model.json and params/, nothing else), and replaces a bundle only when asked (`overwrite=True`).
+A bundle is written beside the target, to `<path>.tmp-<random>`, then published: a bundle already at
+`<path>` is renamed aside (`<path>.tmp-<random>-old`), the new one renamed into place and the old
+one removed; so an interrupted write never leaves a bundle at `<path>` that looks whole but is not.
+A failed write removes its temporary directory (a killed one's is removed by the next save to
+`<path>`, if it holds nothing but a bundle's files), and a full disk is reported as one
+OSError(ENOSPC) naming the path.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import importlib
 import json
 import os
+import secrets
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 # Class name -> "module:attribute"; imported lazily so a bundle only imports the model it holds.
@@ -29,6 +41,8 @@ MODEL_CLASSES = {
     "CLIPTextEncoder": "ldm_jax.models.clip:CLIPTextEncoder",
 }
 _SKIPPED_FIELDS = ("parent", "name")
+_BUNDLE_FILES = ("model.json", "params")
+_ORBAX_PARTIAL = "params.orbax-checkpoint-tmp"  # orbax's name for params/ while it writes them
 
 
 def _model_class(name: str) -> type[nn.Module]:
@@ -71,24 +85,146 @@ def module_from_config(spec: dict[str, Any]) -> nn.Module:
     return cls(**{k: _from_json(v) for k, v in spec["config"].items()})
 
 
-def save_model(path: str | os.PathLike, module: nn.Module, params: Any, metadata: dict | None = None) -> None:
-    """Writes a model bundle (replacing one already at `path`). Every process calls it (orbax writes
-    each host's shards of sharded params); process 0 writes the JSON and renames into place."""
-    path = os.path.abspath(os.fspath(path))
-    tmp = f"{path}.tmp"
+def save_model(path: str | os.PathLike, module: nn.Module, params: Any, metadata: dict | None = None, *,
+               overwrite: bool = False) -> None:
+    """Writes a model bundle to `path` (parents created) and publishes it atomically (module
+    docstring); a bundle already there is replaced only with `overwrite`. Every process calls it
+    (orbax writes each host's shards of sharded params); process 0 writes the JSON and publishes."""
+    path = check_target(path, overwrite)
+    spec = module_config(module) | {"metadata": metadata or {}}
+    tmp = path.with_name(f"{path.name}.tmp-{_shared_token()}")
     leader = jax.process_index() == 0
     if leader:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale(path)
     multihost_utils.sync_global_devices("ldm_jax.save_model.start")
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(tmp, "params"), params)
-    if leader:
-        spec = module_config(module) | {"metadata": metadata or {}}
-        with open(os.path.join(tmp, "model.json"), "w") as f:
-            json.dump(spec, f, indent=2, sort_keys=True)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+    _check_free_space(path, params)  # a write that runs out of space part-way also prints orbax's tracebacks
+    with reporting_disk_full(path):
+        try:
+            if leader:
+                tmp.mkdir(parents=True)
+            # Synchronous (it syncs the processes first): the async one leaves threads waiting after a failure.
+            with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+                checkpointer.save(tmp / "params", args=ocp.args.StandardSave(params))
+            if leader:
+                (tmp / "model.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+                _publish(tmp, path)
+        except BaseException:
+            if leader and tmp.exists():
+                tmp.rmtree()
+            raise
     multihost_utils.sync_global_devices("ldm_jax.save_model.end")
+
+
+def check_target(path: str | os.PathLike, overwrite: bool = False) -> epath.Path:
+    """`path` made absolute, if `save_model` may write there; else a one-line ValueError saying why.
+
+    Allowed: a missing path whose nearest existing ancestor is a writable directory, an empty
+    directory, or (with `overwrite`) a model bundle."""
+    path = _absolute(path)
+    if path.is_dir() and _is_bundle(path):
+        if not overwrite:
+            raise ValueError(f"{path} holds a model bundle already; pass --overwrite (overwrite=True) to replace it")
+    elif path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{path} is neither empty nor a model bundle (it holds {_listing(path)}); "
+                         "write the bundle to a new or empty directory")
+    elif path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory for a model bundle")
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise ValueError(f"cannot write a model bundle to {path}: {ancestor} is not a directory")
+    if _is_local(ancestor) and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write a model bundle to {path}: {ancestor} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def reporting_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raises an error saying the disk is full (an OSError with ENOSPC, or a tensorstore or
+    array_record error with its message) as one OSError(ENOSPC, "disk full", path)."""
+    try:
+        yield
+    except Exception as error:
+        if _says_disk_full(error):
+            raise OSError(errno.ENOSPC, "disk full", os.fspath(path)) from error
+        raise
+
+
+def _says_disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or os.strerror(errno.ENOSPC) in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _check_free_space(path: epath.Path, params: Any) -> None:
+    """OSError(ENOSPC) when the local disk at `path` has less room than the params' bytes."""
+    if not _is_local(path):
+        return
+    needed = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(params))
+    free = shutil.disk_usage(_existing_ancestor(path)).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"disk full ({free / 2**20:.1f} MiB free, the params need "
+                      f"{needed / 2**20:.1f} MiB)", os.fspath(path))
+
+
+def _existing_ancestor(path: epath.Path) -> epath.Path:
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    return ancestor
+
+
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    path = epath.Path(path)
+    return path.resolve() if _is_local(path) else path
+
+
+def _is_bundle(path: epath.Path) -> bool:
+    """A bundle this module wrote: model.json and params/, nothing else."""
+    return sorted(p.name for p in path.iterdir()) == sorted(_BUNDLE_FILES) and (path / "params").is_dir()
+
+
+def _listing(path: epath.Path, limit: int = 5) -> str:
+    names = sorted(p.name + "/" * p.is_dir() for p in path.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _shared_token() -> str:
+    """8 random hex digits, process 0's on every process."""
+    return f"{int(multihost_utils.broadcast_one_to_all(np.uint32(secrets.randbits(32)))):08x}"
+
+
+def _remove_stale(path: epath.Path) -> None:
+    """Removes `<path>.tmp*` directories left by killed saves: those holding only a bundle's files."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.iterdir():
+        if stale.name.startswith(f"{path.name}.tmp") and stale.is_dir() and all(
+            p.name in _BUNDLE_FILES or p.name.startswith(_ORBAX_PARTIAL) for p in stale.iterdir()
+        ):
+            stale.rmtree()
+
+
+def _publish(tmp: epath.Path, path: epath.Path) -> None:
+    """Renames the finished bundle `tmp` to `path` (an empty directory, a bundle, or nothing)."""
+    if path.is_dir() and not _is_bundle(path):
+        path.rmdir()  # check_target let it through empty; rmdir fails if it is not any more
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = tmp.with_name(f"{tmp.name}-old")
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)
+        raise
+    old.rmtree()
 
 
 def load_model(path: str | os.PathLike, sharding: Any = None) -> tuple[nn.Module, Any, dict]:
@@ -112,3 +248,15 @@ def read_tree(path: str | os.PathLike, sharding: Any = None) -> Any:
         tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
         target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
         return checkpointer.restore(os.fspath(path), target)
+
+
+def params_sha256(params: Any) -> str:
+    """sha256 over the parameter leaves in tree order (path, dtype, shape and bytes of each).
+
+    Leaves must be fully present on this host (numpy, or replicated / single-device jax arrays)."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

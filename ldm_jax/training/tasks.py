@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import generation, image_conditioning, text_conditioning
+from ldm_jax import generation, image_conditioning, latent_space, text_conditioning
 from ldm_jax.convert.lpips import load_lpips_or_none
 from ldm_jax.data import pipeline, sources, transforms
 from ldm_jax.diffusion import samplers
@@ -78,11 +78,12 @@ def sampler_from_config(config: Mapping[str, Any], objective: steps.DiffusionObj
     return samplers.SamplerConfig(prediction=prediction, variance=variance, **fields)
 
 
-def load_vae(path: str) -> tuple[Any, Any, tuple[float, float]]:
-    """A VAE bundle -> (module, params, (shift, scale)) from the module's own factors."""
+def load_vae(path: str) -> tuple[Any, Any, dict[str, Any]]:
+    """A VAE bundle -> (module, params, `latent_space.vae_identity`); ValueError if it holds no VAE."""
     vae, params, _ = serialization.load_model(path)
-    shift = vae.shift_factor or 0.0
-    return vae, params, (float(shift), float(vae.scaling_factor))
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(f"vae.path={path} holds a {type(vae).__name__} bundle, not an AutoencoderKL")
+    return vae, params, latent_space.vae_identity(vae, params)
 
 
 def _encode_images(vae, scale, shift, vae_params, images, key):
@@ -194,13 +195,19 @@ def diffusion_task(config: Any) -> Task:
     model = dit_from_config(config.model)
     image_task = _image_task_setup(config, model)
     objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
-    encode_images, frozen, decoder = None, {}, generation.LatentDecoder()
+    encode_images, frozen, decoder, vae, identity = None, {}, generation.LatentDecoder(), None, None
     if config.vae.path:
-        vae, frozen["vae"], (shift, scale) = load_vae(config.vae.path)
-        decoder = generation.LatentDecoder(vae, shift, scale)
-        encode_images = functools.partial(_encode_images, vae, scale, shift)
+        vae, frozen["vae"], identity = load_vae(config.vae.path)
     elif config.data.source != "latents":
         logging.info("no vae.path: diffusion runs in pixel space on %s images", config.data.source)
+    data = pipeline.resolve_config(config.data)
+    cache = sources.LatentSource(data.path) if data.source == "latents" else None
+    latents = latent_space.training_record(data, config.vae.path, identity, cache)
+    if latents["space"] == "latents":
+        shift, scale = latent_space.as_arrays(latents)
+        decoder = generation.LatentDecoder(vae, shift, scale)
+        if cache is None:
+            encode_images = functools.partial(_encode_images, vae, scale, shift)
     encode_text, prompts = _text_setup(config, model, frozen)
     sample_shape = (model.input_size, model.input_size, model.in_channels)
 
@@ -225,13 +232,14 @@ def diffusion_task(config: Any) -> Task:
         return generation.image_grid(generation.to_uint8(images), rows)
 
     def export(path, params):
-        metadata = {"task": "diffusion"}
+        metadata = {"task": "diffusion", "latents": latents, "diffusion": config.diffusion.to_dict()}
         if image_task is not None:
             metadata["image_task"] = image_task.describe()
         if text_conditioning.text_keys(model):
             metadata["text"] = {k: config.text[k] for k in ("encoder_path", "tokenizer_path", "max_length",
                                                             "skip_last_layers")}
-        serialization.save_model(path, model, params, metadata=metadata)
+        # The run re-exports its own <workdir>/model (a rerun after the last step): replacing it is intended.
+        serialization.save_model(path, model, params, metadata=metadata, overwrite=True)
 
     return Task(model, init_params, loss_fn, frozen, preview, export)
 
@@ -293,7 +301,8 @@ def autoencoder_task(config: Any) -> Task:
         posterior = vae.apply({"params": params["autoencoder"]}, images, method=vae.encode)
         z = posterior.sample(jax.random.PRNGKey(0))
         scaled = vae.clone(scaling_factor=float(1.0 / jnp.std(z)))
-        serialization.save_model(path, scaled, params["autoencoder"], metadata={"task": "autoencoder"})
+        serialization.save_model(path, scaled, params["autoencoder"], metadata={"task": "autoencoder"},
+                                 overwrite=True)  # the run's own <workdir>/model, as above
 
     return Task(vae, init_params, loss_fn, lpips[1] if lpips else None, preview, export)
 
