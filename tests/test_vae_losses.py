@@ -132,6 +132,64 @@ def test_generator_loss_by_hand():
             np.testing.assert_allclose(grad_lv, ref_grad_lv, rtol=RTOL)
 
 
+def _last_layer_objective(loss_fn, h, x, critic):
+    """(loss, (state, metrics)), grads w.r.t. the "decoder" (LAST) of generator_loss at step 10."""
+    posterior = DiagonalGaussian(jnp.zeros((x.shape[0], 2, 2, 1)), jnp.zeros((x.shape[0], 2, 2, 1)))
+
+    def objective(params):
+        x_rec, vjp = L.apply_with_param_vjp(lambda p, h: LAST.apply({"params": p}, h), params, ("kernel",), h)
+        return loss_fn.generator_loss(x, x_rec, posterior, 0.0, jnp.int32(10), vjp, critic, {})
+
+    return objective
+
+
+def test_input_blind_discriminator_reads_hinge_one_and_clamped_weight():
+    """Issue #20's log (d_weight 5,000, disc_loss 1.0) is what a discriminator whose logits no longer
+    depend on its input gives: the clamp of the adaptive weight times disc_weight 0.5, and no
+    adversarial gradient at all, so the GAN phase is a no-op rather than a wrong-signed push."""
+    b, hw = 2, 4
+    h, x = uniform(30, (b, hw, hw, 5)), uniform(31, (b, hw, hw, 3))
+    last = {"kernel": uniform(32, (1, 1, 5, 3)), "bias": uniform(33, (3,), -0.1, 0.1)}
+    blind = {"dense": {"kernel": np.zeros((3, 1), np.float32), "bias": np.float32([0.3])}}
+    gan, no_gan = (L.VAELoss(LinearCritic(), disc_weight=0.5, disc_factor=f, disc_start=0) for f in (1.0, 0.0))
+    (_, (_, metrics)), grads = jax.value_and_grad(_last_layer_objective(gan, h, x, blind), has_aux=True)(last)
+    (_, (_, ref_metrics)), ref_grads = jax.value_and_grad(
+        _last_layer_objective(no_gan, h, x, blind), has_aux=True)(last)
+    np.testing.assert_allclose(metrics["d_weight"], L.ADAPTIVE_WEIGHT_MAX * 0.5, rtol=RTOL)
+    np.testing.assert_allclose(metrics["g_loss"], -0.3, rtol=RTOL)
+    np.testing.assert_allclose(metrics["nll_loss"], ref_metrics["nll_loss"], rtol=RTOL)
+    jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=RTOL, atol=1e-7), grads, ref_grads)
+
+    x_rec = LAST.apply({"params": last}, h)
+    d_loss, (_, d_metrics) = gan.discriminator_loss(blind, {}, x, x_rec, jnp.int32(10))
+    assert float(d_loss) == pytest.approx(1.0, abs=1e-6)  # 0.5 * ((1 - c) + (1 + c)) for any |c| < 1
+    np.testing.assert_allclose([d_metrics["logits_real"], d_metrics["logits_fake"]], [0.3, 0.3], rtol=RTOL)
+    # ... but the blind critic is not a stationary point of the hinge loss: D can still learn.
+    d_grads = jax.grad(lambda p: gan.discriminator_loss(p, {}, x, x_rec, jnp.int32(10))[0])(blind)
+    assert float(np.max(np.abs(d_grads["dense"]["kernel"]))) > 1e-3
+
+
+def test_disc_factor_zero_makes_the_discriminator_irrelevant():
+    """configs/vae_digits.py and the demo train with disc_factor=0: the autoencoder's loss and
+    gradients must then not depend on the discriminator, which gets no gradient either."""
+    b, hw = 2, 4
+    h, x = uniform(40, (b, hw, hw, 5)), uniform(41, (b, hw, hw, 3))
+    last = {"kernel": uniform(42, (1, 1, 5, 3)), "bias": uniform(43, (3,), -0.1, 0.1)}
+    critics = [{"dense": {"kernel": uniform(s, (3, 1)), "bias": uniform(s + 1, (1,))}} for s in (44, 46)]
+    loss_fn = L.VAELoss(LinearCritic(), kl_weight=0.01, disc_factor=0.0, disc_start=0)
+    outs = [jax.value_and_grad(_last_layer_objective(loss_fn, h, x, c), has_aux=True)(last) for c in critics]
+    for (loss, (_, metrics)), grads in outs:
+        assert float(metrics["d_weight"]) == 0.0 and float(metrics["disc_factor"]) == 0.0
+        np.testing.assert_allclose(loss, metrics["nll_loss"] + 0.01 * metrics["kl_loss"], rtol=RTOL)
+    (loss0, _), grads0 = outs[0]
+    (loss1, _), grads1 = outs[1]
+    assert float(loss0) == float(loss1)
+    jax.tree.map(lambda a, r: np.testing.assert_array_equal(a, r), grads0, grads1)
+    x_rec = LAST.apply({"params": last}, h)
+    d_grads = jax.grad(lambda p: loss_fn.discriminator_loss(p, {}, x, x_rec, jnp.int32(10))[0])(critics[0])
+    assert all(np.all(g == 0) for g in jax.tree.leaves(d_grads))
+
+
 # ----------------------------------------------------------------------------- against double autodiff
 
 
