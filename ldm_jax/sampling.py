@@ -177,11 +177,11 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     weights_sha256 = serialization.params_sha256(params)
     params = _place(params, _param_shardings(model, mesh))
 
-    decoder, vae_params, vae_protocol = _decoder(config, metadata.get("latents"), f"{field}={model_path}")
+    decoder, vae_params, vae_protocol = latent_decoder(config, metadata.get("latents"), f"{field}={model_path}")
     if vae_params is not None:
         vae_params = _place(vae_params, jax.tree.map(lambda _: mesh_lib.replicated(mesh), vae_params))
 
-    diffusion = _trained_diffusion(config, metadata.get("diffusion"), f"{field}={model_path}")
+    diffusion = trained_diffusion(config, metadata.get("diffusion"), f"{field}={model_path}")
     objective = steps.objective_from_config(diffusion, learn_sigma=model.learn_sigma)
     sampler = tasks.sampler_from_config(settings, objective)
     generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder, image_task)
@@ -209,7 +209,7 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     return generator, params, vae_params, prompts, image_inputs, json.loads(json.dumps(protocol))
 
 
-def _decoder(config: Any, latents: dict | None, where: str) -> tuple[generation.LatentDecoder, Any, Any]:
+def latent_decoder(config: Any, latents: dict | None, where: str) -> tuple[generation.LatentDecoder, Any, Any]:
     """(decoder, VAE params or None, protocol) for a bundle trained on `latents`
     (`latent_space.training_record`; None: not recorded, e.g. converted weights: the VAE's own factors).
     The VAE is vae.path, or the one the bundle records; a contradiction is a ValueError naming both."""
@@ -228,7 +228,7 @@ def _decoder(config: Any, latents: dict | None, where: str) -> tuple[generation.
     return generation.LatentDecoder(vae, *latent_space.as_arrays(latents)), vae_params, protocol
 
 
-def _trained_diffusion(config: Any, trained: dict | None, where: str) -> Any:
+def trained_diffusion(config: Any, trained: dict | None, where: str) -> Any:
     """The diffusion objective's settings: the bundle's (`trained`), which `config.diffusion` must not
     contradict; the config's when the bundle records none (converted weights)."""
     if trained is None:
