@@ -22,6 +22,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from harness import compiled_flops, machine_name, matmul_peak_gflops, median_seconds, peak_rss_gib  # noqa: E402
 
+from ldm_jax.config import default_config  # noqa: E402
+from ldm_jax.diffusion import objectives  # noqa: E402
 from ldm_jax.models.dit import dit_preset  # noqa: E402
 from ldm_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL  # noqa: E402
 from ldm_jax.training import optimizers, steps  # noqa: E402
@@ -65,7 +67,7 @@ def bench_dit(preset: str, repeats: int, peak: float) -> None:
     tx = optimizers.make_optimizer({"learning_rate": 1e-4})
     state = init_train_state(params, tx, jax.random.PRNGKey(0))
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=steps.objective_from_config({}, learn_sigma=model.learn_sigma))
+                                objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=model.learn_sigma))
     step = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx,
                              learning_rate=optimizers.learning_rate_schedule({"learning_rate": 1e-4}),
                              ema_decay=0.9999)

@@ -68,7 +68,7 @@ def demo_command() -> None:
 
 
 def sample_command() -> None:
-    from ldm_jax import sampling
+    from ldm_jax.inference import sampling
 
     _require("config", "workdir")
     if FLAGS.prompt:
@@ -95,7 +95,7 @@ def encode_command() -> None:
     from ldm_jax import text_conditioning
     from ldm_jax.data import latent_cache, pipeline
     from ldm_jax.parallel import mesh as mesh_lib
-    from ldm_jax.training import tasks
+    from ldm_jax.inference import bundles
 
     _require("config", "out")
     config = FLAGS.config
@@ -104,7 +104,7 @@ def encode_command() -> None:
     mesh_lib.initialize_distributed(config.get("distributed"))
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     data = pipeline.resolve_config(config.data)
-    vae, params, identity = tasks.load_vae(config.vae.path)
+    vae, params, identity = bundles.load_vae(config.vae.path)
     params = jax.device_put(params, mesh_lib.replicated(mesh))
 
     def encode(images):

@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
             noise_level=20,  # upscale: the level sampling uses (sample.noise_level overrides)
         )
     )
-    # training/steps.py: DiffusionObjective.
+    # diffusion/objectives.py: DiffusionObjective.
     config.diffusion = ml_collections.ConfigDict(
         dict(
             prediction="epsilon",  # "epsilon" | "v" | "x0" | "flow"
@@ -108,7 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
             grid_rows=8, grid_cols=8,  # the PNG grid: row r shows class r / prompt r (mod their number)
             prompts=(),  # text-conditioned models: sample i uses prompt i mod len (CLI: --prompt, repeated)
             prompts_file="",  # or one prompt per line of this file
-            # `ldm-jax sample` (ldm_jax/sampling.py):
+            # `ldm-jax sample` (ldm_jax/inference/sampling.py):
             model_path="",  # DiT model bundle ("" = <workdir>/model, what `train` exports)
             num_samples=0,  # samples in the .npz (0 = the PNG grid only)
             batch_size=64,  # global batch = one resumable chunk of the .npz

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ldm_jax import sampling
 from ldm_jax.data import pipeline, transforms
 from ldm_jax.evaluation import metrics
+from ldm_jax.inference import sampling
 from ldm_jax.training import loop
 
 STAGES = ("vae_stage", "dit_stage")

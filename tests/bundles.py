@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import generation
 from ldm_jax.data import pipeline
+from ldm_jax.diffusion import objectives
+from ldm_jax.inference import generation
 from ldm_jax.models import serialization
+from ldm_jax.models import backbones
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.parallel.mesh import make_mesh
 from ldm_jax.training import optimizers, steps, tasks
@@ -26,8 +28,8 @@ def random_params(module, *inputs, seed=0):
 
 
 def save_dit(path, model_config):
-    """A bundle of the DiT a config's `model` section describes (tasks.dit_from_config); returns path."""
-    model = tasks.dit_from_config(model_config)
+    """A bundle of the DiT a config's `model` section describes (backbones.backbone_from_config); returns path."""
+    model = backbones.backbone_from_config(model_config)
     x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels))
     serialization.save_model(path, model, random_params(model, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
     return path
@@ -62,5 +64,5 @@ def task_generator(config, task, decoder=generation.LatentDecoder()):
     """The `generation.Generator` a diffusion task's previews use, from config.sample."""
     objective = task.loss_fn.keywords["objective"]
     return generation.Generator.from_config(config.sample, task.model, objective.schedule,
-                                            tasks.sampler_from_config(config.sample, objective), decoder,
+                                            objectives.sampler_from_config(config.sample, objective), decoder,
                                             task.loss_fn.keywords["image_task"])

@@ -20,11 +20,12 @@ from ldm_jax.convert.inception import inception_from_pytorch_fid
 from ldm_jax.convert.torch_io import save_safetensors
 from ldm_jax.data import transforms
 from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion import objectives
 from ldm_jax.evaluation import fid
 from ldm_jax.evaluation.features import InceptionFeatures
+from ldm_jax.models import backbones
 from ldm_jax.models.inception import InceptionV3
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import steps, tasks
 from subprocesses import ROOT, cpu_env, load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 24 samples, 63-128 dims
@@ -250,7 +251,7 @@ def test_cli_reports_a_missing_weights_file_and_a_mistyped_field_in_one_line(ima
 
 def test_eval_config_pins_dits_protocol_and_builds():
     config = load_config("dit_xl2_imagenet256_eval")
-    model = tasks.dit_from_config(config.model)
+    model = backbones.backbone_from_config(config.model)
     shape = (model.input_size, model.patch_size, model.in_channels, model.hidden_size, model.depth)
     assert shape == (32, 2, 4, 1152, 28)
     assert model.learn_sigma and model.num_classes == 1000
@@ -259,8 +260,8 @@ def test_eval_config_pins_dits_protocol_and_builds():
     assert (s.num_samples, s.labels, s.guidance_scale, s.guided_channels) == (50_000, "random", 1.5, 3)
     assert (config.evaluate.num_splits, config.evaluate.k) == (10, 3)
 
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
-    sampler = tasks.sampler_from_config(config.sample, objective)
+    objective = objectives.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    sampler = objectives.sampler_from_config(config.sample, objective)
     assert (sampler.sampler, sampler.num_steps, sampler.prediction, sampler.variance) == (
         "ddpm", 250, "epsilon", "learned_range")
     # DiT samples with ADM's SpacedDiffusion(space_timesteps(1000, "250")): the same 250 steps,

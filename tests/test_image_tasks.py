@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from bundles import random_params
-from ldm_jax import generation, image_conditioning, sampling
+from ldm_jax import image_conditioning
 from ldm_jax.data import pipeline, transforms
 from ldm_jax.diffusion import samplers, schedules
 from ldm_jax.image_conditioning import ImageTask
+from ldm_jax.inference import generation, sampling
 from ldm_jax.models import serialization
 from ldm_jax.models.dit import DiT
 from ldm_jax.models.vae import AutoencoderKL

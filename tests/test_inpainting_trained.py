@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from bundles import task_generator, train_and_export
-from ldm_jax import demo, generation
+from ldm_jax import demo
 from ldm_jax.data import transforms
-from ldm_jax.training import tasks
+from ldm_jax.inference import generation
+from ldm_jax.inference.bundles import load_vae
 from subprocesses import load_config, load_config_module
 
 VAE_STEPS = 400
@@ -36,7 +37,7 @@ def inpainter(tmp_path_factory):
 
 def test_inpainting_keeps_the_known_half_and_completes_the_digit(inpainter):
     config, task, state = inpainter
-    vae, vae_params, identity = tasks.load_vae(config.vae.path)
+    vae, vae_params, identity = load_vae(config.vae.path)
     decoder = generation.LatentDecoder(vae, identity["shift_factor"], identity["scaling_factor"])
     images, labels = demo.preprocessed_digits(config.data, "test")
     images, labels = images[:200], labels[:200]

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from bundles import random_params
-from ldm_jax import generation, latent_space
+from ldm_jax import latent_space
 from ldm_jax.data import latent_cache, pipeline, sources
+from ldm_jax.inference import generation
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.parallel.mesh import make_mesh
 

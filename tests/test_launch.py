@@ -22,11 +22,13 @@ if str(ROOT) not in sys.path:  # launch/ is not an installed package; it runs fr
 
 from launch import capacity, multinode, tpu_vm  # noqa: E402
 from ldm_jax.data import pipeline  # noqa: E402
+from ldm_jax.diffusion import objectives  # noqa: E402
+from ldm_jax.models import backbones  # noqa: E402
 from ldm_jax.models.discriminator import NLayerDiscriminator  # noqa: E402
 from ldm_jax.models.dit import dit_preset  # noqa: E402
 from ldm_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL  # noqa: E402
 from ldm_jax.parallel import mesh as mesh_lib  # noqa: E402
-from ldm_jax.training import optimizers, steps, tasks, vae_losses  # noqa: E402
+from ldm_jax.training import optimizers, tasks, vae_losses  # noqa: E402
 
 TPUS = ["gcloud", "compute", "tpus"]
 VM = TPUS + ["tpu-vm"]
@@ -451,11 +453,11 @@ def test_config_fits_the_slice_its_docstring_names(name):
 
 def test_dit_xl2_config_is_the_paper_recipe():
     config = load_config_module("dit_xl2_imagenet256").get_config()
-    model = tasks.dit_from_config(config.model)
+    model = backbones.backbone_from_config(config.model)
     reference = dit_preset("DiT-XL/2", input_size=32, dtype="bfloat16")
     assert model == reference and model.learn_sigma and model.class_dropout_prob == 0.1
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
-    sampler = tasks.sampler_from_config(config.sample, objective)
+    objective = objectives.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    sampler = objectives.sampler_from_config(config.sample, objective)
     assert (sampler.sampler, sampler.num_steps, sampler.spacing, sampler.variance) == ("ddpm", 250, "linspace", "learned_range")
     assert (config.sample.guidance_scale, config.sample.guided_channels) == (1.5, 3)
     assert (config.data.source, config.data.batch_size, config.data.random_flip, config.data.latent_norm) == (
@@ -467,7 +469,7 @@ def test_dit_xl2_config_is_the_paper_recipe():
 
 def test_t2i_config_is_a_text_conditioned_xl2():
     config = load_config_module("t2i_xl2_256").get_config()
-    model = tasks.dit_from_config(config.model)
+    model = backbones.backbone_from_config(config.model)
     assert (model.hidden_size, model.depth, model.patch_size, model.adaln, model.num_classes) == (1152, 28, 2, "single", 0)
     assert sorted(model.condition_fields()) == ["context", "context_mask"] and model.context_dim == 768
     assert config.text.encoder_path and config.text.tokenizer_path and config.sample.prompts

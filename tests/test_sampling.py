@@ -1,4 +1,4 @@
-"""`ldm-jax sample` (ldm_jax/sampling.py, generation.Generator): per-sample reproducibility, 8 devices
+"""`ldm-jax sample` (inference/sampling.py, inference/generation.Generator): per-sample reproducibility, 8 devices
 vs 1, a killed run resumed to a byte-identical .npz, the protocol and its checks, 16-bit / float --image
 files."""
 import json
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_jax import generation, sampling
+from ldm_jax.diffusion import objectives
+from ldm_jax.inference import generation, sampling
 from ldm_jax.models import serialization
 from ldm_jax.models.dit import DiT
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import steps, tasks
 from bundles import random_params
 from subprocesses import ROOT, cpu_env, load_config, run_python_hosts, wait_for
 
@@ -67,9 +67,9 @@ def reference(bundle, tmp_path_factory):
 def test_each_sample_is_the_same_alone_at_any_batch_position_and_sharded(bundle):
     _, model, params = bundle
     config = _config("", "")
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=True)
+    objective = objectives.objective_from_config(config.diffusion, learn_sigma=True)
     generator = generation.Generator.from_config(config.sample, model, objective.schedule,
-                                                 tasks.sampler_from_config(config.sample, objective))
+                                                 objectives.sampler_from_config(config.sample, objective))
     key = jax.random.PRNGKey(3)
     indices = np.arange(100, 108)
     labels = generation.sample_labels(key, indices, "random", 10)
@@ -145,7 +145,7 @@ TWO_HOSTS = """
 import sys
 sys.path.insert(0, "tests")
 from test_sampling import _config
-from ldm_jax import sampling
+from ldm_jax.inference import sampling
 address, process_id, out_dir, model_path = sys.argv[1:]
 config = _config(out_dir, model_path)
 config.distributed.update(coordinator_address=address, num_processes=2, process_id=int(process_id))
@@ -203,10 +203,10 @@ def test_guidance_needs_a_null_class(num_classes, class_dropout_prob):
     model = DiT(input_size=4, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4,
                 num_classes=num_classes, class_dropout_prob=class_dropout_prob)
     config = _config("", "")
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=True)
+    objective = objectives.objective_from_config(config.diffusion, learn_sigma=True)
     with pytest.raises(ValueError, match=r"guidance_scale=2.0 needs a class-conditional model with a null class"):
         generation.Generator.from_config(config.sample, model, objective.schedule,
-                                         tasks.sampler_from_config(config.sample, objective))
+                                         objectives.sampler_from_config(config.sample, objective))
 
 
 def test_text_models_without_prompts_or_encoder_are_refused(tmp_path):

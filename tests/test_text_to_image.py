@@ -15,8 +15,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ldm_jax import demo, sampling, text_conditioning
+from ldm_jax import demo, text_conditioning
+from ldm_jax.config import default_config
 from ldm_jax.data import latent_cache, pipeline, sources
+from ldm_jax.diffusion import objectives
+from ldm_jax.inference import sampling
 from ldm_jax.models import serialization
 from ldm_jax.models.dit import DiT
 from ldm_jax.parallel.mesh import make_mesh
@@ -100,7 +103,7 @@ def test_labels_are_ignored_by_a_model_without_classes():
     model = DiT(**TINY_DIT, num_classes=0, class_dropout_prob=0.1)
     params = _random_params(model, jnp.zeros((1, 4, 4, 3)), jnp.zeros(1))
     loss_fn = jax.jit(functools.partial(steps.diffusion_loss_fn, model=model,
-                                        objective=steps.objective_from_config({}, learn_sigma=False)))
+                                        objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=False)))
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (8, 4, 4, 3)), jnp.float32)
     key = jax.random.key(0)
     with_labels = loss_fn(params, {}, {"image": images, "label": jnp.arange(8)}, key)[0]
@@ -111,7 +114,7 @@ def test_a_text_model_without_text_in_the_batch_is_told_what_to_set():
     model = _text_dit()
     params = _random_params(model, jnp.zeros((1, 4, 4, 3)), jnp.zeros(1), _text_inputs(1))
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=steps.objective_from_config({}, learn_sigma=False))
+                                objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=False))
     with pytest.raises(ValueError, match=r"the DiT takes text \(context, context_mask, pooled.*text\.encoder_path"):
         loss_fn(params, {}, {"image": jnp.zeros((2, 4, 4, 3)), "label": jnp.zeros(2, jnp.int32)}, jax.random.key(0))
 
@@ -208,7 +211,7 @@ def test_cached_text_embeddings_give_the_loss_of_encoding_on_the_fly(text_cache,
     params = _random_params(model, jnp.zeros((1, 4, 4, 3)), jnp.zeros(1), _text_inputs(1))
     frozen = {"text_encoder": text_params, "null_text": null}
     loss_fn = jax.jit(functools.partial(steps.diffusion_loss_fn, model=model,
-                                        objective=steps.objective_from_config({}, learn_sigma=False),
+                                        objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=False),
                                         encode_text=encoder))
     tokens = {"latent": cached["latent"], "input_ids": on_the_fly["input_ids"],
               "attention_mask": on_the_fly["attention_mask"]}

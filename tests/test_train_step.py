@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldm_jax.config import default_config
+from ldm_jax.diffusion import objectives
 from ldm_jax.models.dit import DiT, dit_preset
 from ldm_jax.parallel import partitioning
 from ldm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
@@ -33,7 +35,7 @@ def _run(mesh_sizes, num_steps, devices=None):
     init = lambda key: model.init(key, jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))["params"]
     state, shardings = init_sharded_state(init, tx, jax.random.PRNGKey(0), mesh)
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=steps.objective_from_config({}, learn_sigma=True))
+                                objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=True))
     step = jax.jit(
         functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, learning_rate=optimizers.learning_rate_schedule({"learning_rate": 1e-3}),
                           ema_decay=0.99),
@@ -132,6 +134,13 @@ def test_non_finite_step_leaves_state_untouched():
     jax.tree_util.tree_map(np.testing.assert_array_equal, bad, good)
 
 
+def _diffusion(**fields):
+    """The default `diffusion` section with `fields` set."""
+    config = default_config().diffusion
+    config.update(fields)
+    return config
+
+
 @pytest.mark.parametrize(
     "config, learn_sigma, message",
     [
@@ -141,7 +150,7 @@ def test_non_finite_step_leaves_state_untouched():
 )
 def test_bad_objective_config(config, learn_sigma, message):
     with pytest.raises(ValueError, match=message):
-        steps.objective_from_config(config, learn_sigma)
+        objectives.objective_from_config(_diffusion(**config), learn_sigma)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "flow"])
@@ -152,7 +161,7 @@ def test_objectives_train_a_denoiser(prediction):
     params = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))["params"]
     state = init_train_state(partitioning.nn.unbox(params), tx, jax.random.PRNGKey(1))
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=steps.objective_from_config({"prediction": prediction}, learn_sigma=False))
+                                objective=objectives.objective_from_config(_diffusion(prediction=prediction), learn_sigma=False))
     step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx,
                                      learning_rate=optimizers.learning_rate_schedule({"learning_rate": 3e-3}),
                                      ema_decay=0.9))

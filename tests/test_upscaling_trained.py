@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from bundles import task_generator, train_and_export
-from ldm_jax import demo, generation, image_conditioning, sampling
+from ldm_jax import demo, image_conditioning
 from ldm_jax.data import transforms
+from ldm_jax.inference import generation, sampling
 from subprocesses import load_config
 
 UPSCALE_STEPS = 800  # 28.9 dB after 1,000 steps (bicubic: 26.8 dB)

@@ -1,4 +1,5 @@
-"""Training objectives: pure loss functions of (model output, x0, noise, t).
+"""What a denoiser learns: pure loss functions of (model output, x0, noise, t), the
+`DiffusionObjective` a config describes (prediction, schedule, loss), and the sampler it implies.
 
 Every loss returns the batch mean (reduction="mean") or the per-sample values `[B]`
 (reduction="none"); per-sample values are means over all non-batch dims (ADM's `mean_flat`).
@@ -10,19 +11,25 @@ The noisy input the model saw is implied: `x_t = schedule.add_noise(x0, noise, t
   mean gap uses the exact identity `mu~ - mu_theta = c_t·(ε̂ - ε)` and the log-likelihood works in
   log-sigmoid form, so the result matches ADM's float64 formulas to ~1e-7.
 * `flow_matching_loss`: rectified-flow velocity MSE against `noise - x0`.
+* `DiffusionObjective` / `objective_from_config`: the `diffusion` section; the trainer draws its
+  loss from it, the sampler its schedule and prediction (`sampler_from_config`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.schedules import DiscreteSchedule, _bcast, _check_choice
+from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule, _bcast, _check_choice
 
 PREDICTION_TYPES = ("epsilon", "v", "x0")
+PREDICTIONS = PREDICTION_TYPES + ("flow",)  # what a DiffusionObjective learns
 REDUCTIONS = ("mean", "none")
 
 
@@ -182,3 +189,94 @@ def hybrid_loss(
     vb = jnp.where(t == 0, mean_flat(decoder_nll), mean_flat(kl)) / math.log(2.0)
     loss = mse + vb_weight * vb
     return {name: _reduce(v, reduction) for name, v in (("loss", loss), ("mse", mse), ("vb", vb))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective a denoiser is trained with, and the sampler that follows from it.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DiffusionObjective:
+    """What a denoiser learns: the corruption of x0 and the loss on its output.
+
+    prediction: "epsilon", "v" or "x0" on a `DiscreteSchedule` (learned sigma: ADM/DiT hybrid loss,
+      epsilon only), or "flow" (velocity ε - x0) on a `FlowSchedule`.
+    time_distribution, time_loc, time_std, time_shift: flow training times (uniform or logit-normal,
+      then the resolution shift).
+    """
+
+    prediction: str
+    schedule: DiscreteSchedule | FlowSchedule
+    learn_sigma: bool = False
+    min_snr_gamma: float | None = None
+    vb_weight: float = 1.0
+    time_distribution: str = "uniform"
+    time_loc: float = 0.0
+    time_std: float = 1.0
+    time_shift: float = 1.0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"diffusion.prediction={self.prediction!r}: allowed values are {PREDICTIONS}")
+        flow = self.prediction == "flow"
+        if flow != isinstance(self.schedule, FlowSchedule):
+            raise ValueError(
+                f"diffusion.prediction={self.prediction!r} needs a "
+                f"{'flow' if flow else 'discrete (beta)'} schedule"
+            )
+        if self.learn_sigma and self.prediction in ("v", "x0"):
+            raise ValueError(
+                f"diffusion.prediction={self.prediction!r} with a learned sigma (model.learn_sigma): "
+                "the hybrid loss is defined for 'epsilon' (or 'flow', which ignores the sigma half)"
+            )
+
+    def loss(self, denoise: Callable, x0: jax.Array, cond: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        """denoise(x_t, t, cond) -> output; x0: [B, h, w, C]. Returns (loss, {terms})."""
+        time_key, noise_key = jax.random.split(key)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        channels = x0.shape[-1]
+        if self.prediction == "flow":
+            t = schedules.sample_flow_times(
+                time_key, x0.shape[0], self.time_distribution, loc=self.time_loc, scale=self.time_std,
+                shift=self.time_shift,
+            )
+            output = denoise(self.schedule.add_noise(x0, noise, t), t * self.schedule.time_scale, cond)
+            loss = flow_matching_loss(output[..., :channels], x0, noise)
+            return loss, {}
+        t = jax.random.randint(time_key, (x0.shape[0],), 0, self.schedule.num_timesteps)
+        model_t = jnp.asarray(self.schedule.model_timesteps)[t]
+        output = denoise(self.schedule.add_noise(x0, noise, t), model_t, cond)
+        if self.learn_sigma:
+            terms = hybrid_loss(output, x0, noise, t, self.schedule, vb_weight=self.vb_weight)
+            return terms["loss"], {"mse": terms["mse"], "vb": terms["vb"]}
+        loss = diffusion_loss(
+            output, x0, noise, t, self.schedule, prediction_type=self.prediction,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+        return loss, {}
+
+
+def objective_from_config(config: Mapping[str, Any], learn_sigma: bool) -> DiffusionObjective:
+    """The `diffusion` config section (every field: `ldm_jax/config.py`) -> DiffusionObjective."""
+    if config["prediction"] == "flow":
+        schedule = FlowSchedule(time_scale=config["flow_time_scale"])
+    else:
+        schedule = schedules.discrete_schedule(config["beta_schedule"], config["num_timesteps"],
+                                               zero_terminal_snr=config["zero_terminal_snr"])
+    return DiffusionObjective(
+        prediction=config["prediction"], schedule=schedule, learn_sigma=learn_sigma,
+        min_snr_gamma=config["min_snr_gamma"], vb_weight=config["vb_weight"],
+        time_distribution=config["time_distribution"], time_loc=config["time_loc"], time_std=config["time_std"],
+        time_shift=config["time_shift"],
+    )
+
+
+def sampler_from_config(config: Mapping[str, Any], objective: DiffusionObjective) -> samplers.SamplerConfig:
+    """The `sample` section's sampler fields -> SamplerConfig; prediction and variance follow the
+    trained objective (a learned sigma is used by DDPM as ADM/DiT do)."""
+    names = {f.name for f in dataclasses.fields(samplers.SamplerConfig)} - {"prediction", "variance"}
+    fields = {k: v for k, v in config.items() if k in names}
+    prediction = "velocity" if objective.prediction == "flow" else objective.prediction
+    variance = "learned_range" if objective.learn_sigma else "fixed_small"
+    return samplers.SamplerConfig(prediction=prediction, variance=variance, **fields)

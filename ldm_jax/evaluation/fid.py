@@ -33,11 +33,11 @@ import numpy as np
 import scipy
 
 import ldm_jax
-from ldm_jax import sampling
 from ldm_jax.convert.inception import inception_params_from_state_dict
 from ldm_jax.convert.torch_io import load_state_dict
 from ldm_jax.data import pipeline
 from ldm_jax.evaluation import metrics
+from ldm_jax.inference import sample_files
 from ldm_jax.evaluation.features import (
     ImageSet,
     InceptionFeatures,
@@ -227,7 +227,7 @@ def _samples_path(config: Any, workdir: str) -> str:
     path = config.evaluate.samples
     if not path:
         out_dir = config.sample.out_dir or os.path.join(workdir, "samples")
-        path = os.path.join(out_dir, sampling.SAMPLES_FILE)
+        path = os.path.join(out_dir, sample_files.SAMPLES_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"evaluate.samples is unset and {path} does not exist: run `ldm-jax sample` "
                                     "with sample.num_samples > 0, or set evaluate.samples")
@@ -242,7 +242,7 @@ def _sampling_protocol(samples: str) -> tuple[str | None, Any]:
     """(path, content) of the `protocol.json` `ldm-jax sample` wrote beside a samples .npz (or in a
     samples folder); (None, None) when there is none."""
     folder = samples if os.path.isdir(samples) else os.path.dirname(os.path.abspath(samples))
-    path = os.path.join(folder, sampling.PROTOCOL_FILE)
+    path = os.path.join(folder, sample_files.PROTOCOL_FILE)
     if not os.path.isfile(path):
         return None, None
     with open(path) as f:

@@ -262,6 +262,11 @@ class DiT(nn.Module):
         super().__post_init__()
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """One sample's shape: (input_size, input_size, in_channels)."""
+        return (self.input_size, self.input_size, self.in_channels)
+
+    @property
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 

@@ -26,8 +26,8 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from ldm_jax import generation
 from ldm_jax.data import pipeline
+from ldm_jax.inference import generation
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.training import checkpointing, optimizers, steps, tasks
 from ldm_jax.training import workdir as workdir_lib

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping
 
@@ -20,14 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldm_jax.diffusion import objectives, schedules
-from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
+from ldm_jax.diffusion.objectives import DiffusionObjective
 from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.text_conditioning import TEXT_KEYS, text_keys
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, tree_all_finite
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
-PREDICTIONS = ("epsilon", "v", "x0", "flow")
 
 
 def _split_micro_batches(batch: Mapping[str, jax.Array], steps: int) -> dict[str, jax.Array]:
@@ -108,91 +105,6 @@ def train_step(
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate(state.step),
                    finite=finite.astype(jnp.float32))
     return new_state, metrics
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class DiffusionObjective:
-    """What a denoiser learns: the corruption of x0 and the loss on its output.
-
-    prediction: "epsilon", "v" or "x0" on a `DiscreteSchedule` (learned sigma: ADM/DiT hybrid loss,
-      epsilon only), or "flow" (velocity ε - x0) on a `FlowSchedule`.
-    time_distribution, time_loc, time_std, time_shift: flow training times (uniform or logit-normal,
-      then the resolution shift).
-    """
-
-    prediction: str
-    schedule: DiscreteSchedule | FlowSchedule
-    learn_sigma: bool = False
-    min_snr_gamma: float | None = None
-    vb_weight: float = 1.0
-    time_distribution: str = "uniform"
-    time_loc: float = 0.0
-    time_std: float = 1.0
-    time_shift: float = 1.0
-
-    def __post_init__(self):
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"diffusion.prediction={self.prediction!r}: allowed values are {PREDICTIONS}")
-        flow = self.prediction == "flow"
-        if flow != isinstance(self.schedule, FlowSchedule):
-            raise ValueError(
-                f"diffusion.prediction={self.prediction!r} needs a "
-                f"{'flow' if flow else 'discrete (beta)'} schedule"
-            )
-        if self.learn_sigma and self.prediction in ("v", "x0"):
-            raise ValueError(
-                f"diffusion.prediction={self.prediction!r} with a learned sigma (model.learn_sigma): "
-                "the hybrid loss is defined for 'epsilon' (or 'flow', which ignores the sigma half)"
-            )
-
-    def loss(self, denoise: Callable, x0: jax.Array, cond: Any, key: jax.Array) -> tuple[jax.Array, dict]:
-        """denoise(x_t, t, cond) -> output; x0: [B, h, w, C]. Returns (loss, {terms})."""
-        time_key, noise_key = jax.random.split(key)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        channels = x0.shape[-1]
-        if self.prediction == "flow":
-            t = schedules.sample_flow_times(
-                time_key, x0.shape[0], self.time_distribution, loc=self.time_loc, scale=self.time_std,
-                shift=self.time_shift,
-            )
-            output = denoise(self.schedule.add_noise(x0, noise, t), t * self.schedule.time_scale, cond)
-            loss = objectives.flow_matching_loss(output[..., :channels], x0, noise)
-            return loss, {}
-        t = jax.random.randint(time_key, (x0.shape[0],), 0, self.schedule.num_timesteps)
-        model_t = jnp.asarray(self.schedule.model_timesteps)[t]
-        output = denoise(self.schedule.add_noise(x0, noise, t), model_t, cond)
-        if self.learn_sigma:
-            terms = objectives.hybrid_loss(output, x0, noise, t, self.schedule, vb_weight=self.vb_weight)
-            return terms["loss"], {"mse": terms["mse"], "vb": terms["vb"]}
-        loss = objectives.diffusion_loss(
-            output, x0, noise, t, self.schedule, prediction_type=self.prediction,
-            min_snr_gamma=self.min_snr_gamma,
-        )
-        return loss, {}
-
-
-def objective_from_config(config: Mapping[str, Any], learn_sigma: bool) -> DiffusionObjective:
-    """The `diffusion` config section -> DiffusionObjective (see configs/ for the fields)."""
-    prediction = config.get("prediction", "epsilon")
-    if prediction == "flow":
-        schedule = FlowSchedule(time_scale=config.get("flow_time_scale", 1000.0))
-    else:
-        schedule = schedules.discrete_schedule(
-            config.get("beta_schedule", "linear"),
-            config.get("num_timesteps", 1000),
-            zero_terminal_snr=config.get("zero_terminal_snr", False),
-        )
-    return DiffusionObjective(
-        prediction=prediction,
-        schedule=schedule,
-        learn_sigma=learn_sigma,
-        min_snr_gamma=config.get("min_snr_gamma"),
-        vb_weight=config.get("vb_weight", 1.0),
-        time_distribution=config.get("time_distribution", "uniform"),
-        time_loc=config.get("time_loc", 0.0),
-        time_std=config.get("time_std", 1.0),
-        time_shift=config.get("time_shift", 1.0),
-    )
 
 
 def drop_conditions(key: jax.Array, cond: Mapping[str, jax.Array], null_cond: Mapping[str, Any],

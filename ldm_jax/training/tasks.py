@@ -14,21 +14,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import generation, image_conditioning, latent_space, text_conditioning
+from ldm_jax import image_conditioning, latent_space, text_conditioning
 from ldm_jax.convert.lpips import load_lpips_or_none
 from ldm_jax.data import pipeline, sources, transforms
-from ldm_jax.diffusion import samplers
+from ldm_jax.diffusion import objectives
 from ldm_jax.image_conditioning import ImageTask
+from ldm_jax.inference import bundles, generation
 from ldm_jax.models import serialization
+from ldm_jax.models.backbones import backbone_from_config, module_from_config
 from ldm_jax.models.discriminator import NLayerDiscriminator
-from ldm_jax.models.dit import DiT, dit_preset
+from ldm_jax.models.dit import DiT
 from ldm_jax.models.vae import AutoencoderKL, scale_latents
 from ldm_jax.training import steps, vae_losses
 
@@ -47,43 +49,6 @@ class Task:
     frozen: Any
     preview: Callable[[Any, Any, jax.Array], np.ndarray]
     export: Callable[[str, Any], None]
-
-
-def _module_from_config(cls: type, config: Mapping[str, Any], section: str) -> nn.Module:
-    """`cls(**config)`, with unknown fields reported by name."""
-    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"{section}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    return cls(**config)
-
-
-def dit_from_config(config: Mapping[str, Any]) -> DiT:
-    """The `model` section: `preset` ("DiT-S/2", ...; "" for none) plus any DiT field."""
-    fields = dict(config)
-    preset = fields.pop("preset", "")
-    if preset:
-        _module_from_config(DiT, fields, "model")  # reports unknown fields by name
-        return dit_preset(preset, **fields)
-    return _module_from_config(DiT, fields, "model")
-
-
-def sampler_from_config(config: Mapping[str, Any], objective: steps.DiffusionObjective) -> samplers.SamplerConfig:
-    """The `sample` section's sampler fields -> SamplerConfig; prediction and variance follow the
-    trained objective (a learned sigma is used by DDPM as ADM/DiT do)."""
-    names = {f.name for f in dataclasses.fields(samplers.SamplerConfig)} - {"prediction", "variance"}
-    fields = {k: v for k, v in config.items() if k in names}
-    prediction = "velocity" if objective.prediction == "flow" else objective.prediction
-    variance = "learned_range" if objective.learn_sigma else "fixed_small"
-    return samplers.SamplerConfig(prediction=prediction, variance=variance, **fields)
-
-
-def load_vae(path: str) -> tuple[Any, Any, dict[str, Any]]:
-    """A VAE bundle -> (module, params, `latent_space.vae_identity`); ValueError if it holds no VAE."""
-    vae, params, _ = serialization.load_model(path)
-    if not isinstance(vae, AutoencoderKL):
-        raise ValueError(f"vae.path={path} holds a {type(vae).__name__} bundle, not an AutoencoderKL")
-    return vae, params, latent_space.vae_identity(vae, params)
 
 
 def _encode_images(vae, scale, shift, vae_params, images, key):
@@ -192,12 +157,12 @@ def _preview_inputs(config: Any, image_task: ImageTask | None, count: int) -> di
 
 
 def diffusion_task(config: Any) -> Task:
-    model = dit_from_config(config.model)
+    model = backbone_from_config(config.model)
     image_task = _image_task_setup(config, model)
-    objective = steps.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
+    objective = objectives.objective_from_config(config.diffusion, learn_sigma=model.learn_sigma)
     encode_images, frozen, decoder, vae, identity = None, {}, generation.LatentDecoder(), None, None
     if config.vae.path:
-        vae, frozen["vae"], identity = load_vae(config.vae.path)
+        vae, frozen["vae"], identity = bundles.load_vae(config.vae.path)
     elif config.data.source != "latents":
         logging.info("no vae.path: diffusion runs in pixel space on %s images", config.data.source)
     data = pipeline.resolve_config(config.data)
@@ -209,7 +174,7 @@ def diffusion_task(config: Any) -> Task:
         if cache is None:
             encode_images = functools.partial(_encode_images, vae, scale, shift)
     encode_text, prompts = _text_setup(config, model, frozen)
-    sample_shape = (model.input_size, model.input_size, model.in_channels)
+    sample_shape = model.sample_shape
 
     def init_params(key):
         y = generation.example_conditions(model)
@@ -217,9 +182,9 @@ def diffusion_task(config: Any) -> Task:
 
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model, objective=objective, encode_images=encode_images,
                                 encode_text=encode_text, image_task=image_task)
-    # Previews sample as `ldm-jax sample` does (ldm_jax/sampling.py): same sampler, guidance and grid.
+    # Previews sample as `ldm-jax sample` does (inference/sampling.py): same sampler, guidance and grid.
     generator = generation.Generator.from_config(
-        config.sample, model, objective.schedule, sampler_from_config(config.sample, objective), decoder, image_task
+        config.sample, model, objective.schedule, objectives.sampler_from_config(config.sample, objective), decoder, image_task
     )
     rows, cols = config.sample.grid_rows, config.sample.grid_cols
     labels = generation.grid_labels(rows, cols, model.num_classes)  # row r: class r and prompt r (mod their number)
@@ -255,9 +220,9 @@ def preview_images(config: Any, count: int) -> np.ndarray:
 
 
 def autoencoder_task(config: Any) -> Task:
-    vae = _module_from_config(AutoencoderKL, config.model, "model")
+    vae = module_from_config(AutoencoderKL, config.model, "model")
     loss_config = dict(config.vae_loss)
-    discriminator = _module_from_config(NLayerDiscriminator, loss_config.pop("discriminator"), "vae_loss.discriminator")
+    discriminator = module_from_config(NLayerDiscriminator, loss_config.pop("discriminator"), "vae_loss.discriminator")
     if discriminator.norm == "batch":
         raise ValueError("vae_loss.discriminator.norm='batch' keeps running statistics, which the train "
                          "loop does not thread; use 'group' (default) or 'none'")

@@ -51,33 +51,25 @@ import math
 import os
 import shutil
 import time
-import zipfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
 import ldm_jax
-from ldm_jax import generation, image_conditioning, latent_space, text_conditioning
+from ldm_jax import image_conditioning, text_conditioning
 from ldm_jax.data import transforms
+from ldm_jax.diffusion import objectives
 from ldm_jax.image_conditioning import ImageTask
+from ldm_jax.inference import bundles, generation, sample_files
+from ldm_jax.inference.sample_files import GRID_FILE, PROTOCOL_FILE, SAMPLES_FILE
 from ldm_jax.models import serialization
 from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import partitioning
-from ldm_jax.training import steps, tasks
-
-SAMPLES_FILE = "samples.npz"
-PROTOCOL_FILE = "protocol.json"
-GRID_FILE = "grid.png"
-# Protocol fields that may change between a run and its restart: the weights' hashes cover them.
-_MOVABLE_FIELDS = ("model_path", "vae.path", "text.encoder_path", "text.tokenizer_path", "text.prompts_file")
-# Fixed zip member timestamps: the same samples give a byte-identical samples.npz.
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[str, str]:
@@ -121,16 +113,6 @@ def _check_settings(settings: Any) -> None:
         raise ValueError(f"sample.grid_rows={settings.grid_rows}, grid_cols={settings.grid_cols} must be >= 1")
 
 
-def _require_bundle(path: str, field: str) -> None:
-    if not os.path.isfile(os.path.join(path, "model.json")):
-        raise FileNotFoundError(f"{field}: no model bundle at {path} (missing model.json)")
-
-
-def _check_class(module: Any, path: str, field: str, expected: str) -> None:
-    if type(module).__name__ != expected:
-        raise ValueError(f"{field}={path} holds a {type(module).__name__} bundle; sampling needs a {expected}")
-
-
 def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTask | None) -> tuple[Any, dict | None]:
     """(the prompts' conditions, their protocol) for a text-conditioned model; (None, None) otherwise.
     ValueError for prompts given to a model without text, and for a model whose conditions
@@ -167,23 +149,23 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     settings = config.sample
     field = "sample.model_path" if settings.model_path else "sample.model_path (unset: <workdir>/model)"
     model_path = os.path.abspath(settings.model_path or os.path.join(workdir, "model"))
-    _require_bundle(model_path, field)
+    bundles.require_bundle(model_path, field)
     if config.vae.path:
-        _require_bundle(os.path.abspath(config.vae.path), "vae.path")
+        bundles.require_bundle(os.path.abspath(config.vae.path), "vae.path")
     model, params, metadata = serialization.load_model(model_path)
-    _check_class(model, model_path, field, "DiT")
+    bundles.check_backbone(model, model_path, field)
     image_task = ImageTask.from_config(metadata.get("image_task"))
     prompts, text_protocol = _prompt_conditions(config, model, f"{field}={model_path}", image_task)
     weights_sha256 = serialization.params_sha256(params)
     params = _place(params, _param_shardings(model, mesh))
 
-    decoder, vae_params, vae_protocol = latent_decoder(config, metadata.get("latents"), f"{field}={model_path}")
+    decoder, vae_params, vae_protocol = bundles.latent_decoder(config, metadata.get("latents"), f"{field}={model_path}")
     if vae_params is not None:
         vae_params = _place(vae_params, jax.tree.map(lambda _: mesh_lib.replicated(mesh), vae_params))
 
-    diffusion = trained_diffusion(config, metadata.get("diffusion"), f"{field}={model_path}")
-    objective = steps.objective_from_config(diffusion, learn_sigma=model.learn_sigma)
-    sampler = tasks.sampler_from_config(settings, objective)
+    diffusion = bundles.trained_diffusion(config, metadata.get("diffusion"), f"{field}={model_path}")
+    objective = objectives.objective_from_config(diffusion, learn_sigma=model.learn_sigma)
+    sampler = objectives.sampler_from_config(settings, objective)
     generator = generation.Generator.from_config(settings, model, objective.schedule, sampler, decoder, image_task)
     image_inputs, image_protocol = _image_inputs(settings, generator, vae_params, f"{field}={model_path}")
     protocol = {
@@ -207,39 +189,6 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     if image_protocol is not None:
         protocol["image_task"] = image_protocol
     return generator, params, vae_params, prompts, image_inputs, json.loads(json.dumps(protocol))
-
-
-def latent_decoder(config: Any, latents: dict | None, where: str) -> tuple[generation.LatentDecoder, Any, Any]:
-    """(decoder, VAE params or None, protocol) for a bundle trained on `latents`
-    (`latent_space.training_record`; None: not recorded, e.g. converted weights: the VAE's own factors).
-    The VAE is vae.path, or the one the bundle records; a contradiction is a ValueError naming both."""
-    recorded = ((latents or {}).get("vae") or {}).get("path", "")
-    vae_path = os.path.abspath(config.vae.path or recorded) if (config.vae.path or recorded) else ""
-    identity = None
-    if vae_path:
-        _require_bundle(vae_path, "vae.path" if config.vae.path else f"vae.path (unset: the VAE {where} was trained with)")
-        vae, vae_params, identity = tasks.load_vae(vae_path)
-    latent_space.check_vae(latents, vae_path, identity, where)
-    if identity is None:
-        return generation.LatentDecoder(), None, "pixel space"
-    latents = latents or {"shift": identity["shift_factor"], "scale": identity["scaling_factor"]}
-    protocol = {"path": vae_path, "weights_sha256": identity["weights_sha256"], "shift": latents["shift"],
-                "scale": latents["scale"], **serialization.module_config(vae)}
-    return generation.LatentDecoder(vae, *latent_space.as_arrays(latents)), vae_params, protocol
-
-
-def trained_diffusion(config: Any, trained: dict | None, where: str) -> Any:
-    """The diffusion objective's settings: the bundle's (`trained`), which `config.diffusion` must not
-    contradict; the config's when the bundle records none (converted weights)."""
-    if trained is None:
-        return config.diffusion
-    given = json.loads(json.dumps(config.diffusion.to_dict()))
-    differing = sorted(k for k in trained if k in given and given[k] != trained[k])
-    if differing:
-        raise ValueError(f"{where} was trained with " + ", ".join(f"diffusion.{k}={trained[k]!r}" for k in differing)
-                         + "; the config says " + ", ".join(f"{given[k]!r}" for k in differing)
-                         + " (leave them at the trained values)")
-    return ml_collections.ConfigDict(trained)
 
 
 def _read_image(path: str, field: str, mode: str) -> np.ndarray:
@@ -316,8 +265,7 @@ def _place(tree: Any, shardings: Any) -> Any:
 
 def _param_shardings(model: Any, mesh: jax.sharding.Mesh) -> Any:
     """The parameters' layout on `mesh` from their logical axis names (`partitioning`)."""
-    size = model.input_size
-    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, model.in_channels)),
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *model.sample_shape)),
                            jnp.zeros((1,)), generation.example_conditions(model))["params"]
     return partitioning.state_shardings(boxed, mesh)
 
@@ -331,36 +279,22 @@ def _from_leader(value: np.ndarray) -> np.ndarray:
     return value if jax.process_count() == 1 else np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}.{key}".lstrip(".")).items()}
-
-
-def protocol_differences(stored: dict, protocol: dict) -> list[str]:
-    """Dotted names of the fields in which two protocols differ (the movable paths aside)."""
-    a, b = _flatten(stored), _flatten(protocol)
-    names = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
-    return [name for name in names if name not in _MOVABLE_FIELDS]
-
-
 def _claim(out_dir: str, protocol: dict) -> None:
     """Writes protocol.json, after checking that samples already in out_dir were made by the same
     protocol (ValueError naming the differing fields otherwise)."""
     problem = ""
     if _is_leader():
         path = os.path.join(out_dir, PROTOCOL_FILE)
-        if os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or _chunk_files(out_dir):
+        if os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or sample_files.chunk_files(out_dir):
             if not os.path.exists(path):
                 problem = f"{out_dir} holds samples but no {PROTOCOL_FILE} to check them against"
             else:
                 with open(path) as f:
-                    differences = protocol_differences(json.load(f), protocol)
+                    differences = sample_files.protocol_differences(json.load(f), protocol)
                 if differences:
                     problem = f"{out_dir} holds samples of another protocol; differing fields: {', '.join(differences)}"
         if not problem:
-            _write_atomic(path, lambda f: f.write(json.dumps(protocol, indent=2, sort_keys=True).encode()))
+            sample_files.write_atomic(path, lambda f: f.write(json.dumps(protocol, indent=2, sort_keys=True).encode()))
     if _from_leader(np.int32(bool(problem))):
         raise ValueError(f"{problem or 'process 0 found samples of another protocol in ' + out_dir} "
                          "(set sample.out_dir, or delete it to start afresh)")
@@ -409,57 +343,16 @@ def _global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-# ----------------------------------------------------------------------------------------------
-# Chunks and the final .npz.
-# ----------------------------------------------------------------------------------------------
-
-
-def _chunk_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
-
-
-def _chunk_path(out_dir: str, start: int, end: int) -> str:
-    return os.path.join(out_dir, "chunks", f"{start}-{end}.npz")
-
-
-def _chunk_files(out_dir: str) -> list[str]:
-    directory = os.path.join(out_dir, "chunks")
-    return [name for name in os.listdir(directory) if name.endswith(".npz")] if os.path.isdir(directory) else []
-
-
-def _read_chunk(path: str, start: int, end: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
-    """The chunk's arrays if the file is whole and holds exactly the indices [start, end); else None."""
-    try:
-        with np.load(path) as data:
-            chunk = {name: data[name] for name in ("images", "labels", "indices")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-    n = end - start
-    valid = (chunk["images"].shape == (n, *image_shape) and chunk["images"].dtype == np.uint8
-             and chunk["labels"].shape == (n,) and np.array_equal(chunk["indices"], np.arange(start, end)))
-    return chunk if valid else None
-
-
-def _write_atomic(path: str, write: Any) -> None:
-    """`write(file)` into `<path>.tmp`, flushed to disk, then renamed to `path`."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
 def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol: dict) -> str:
     """Generates the chunks not yet on disk, then assembles samples.npz; returns its path."""
     path = os.path.join(out_dir, SAMPLES_FILE)
     num_samples, image_shape = settings.num_samples, tuple(protocol["image_shape"])
     labelled = sample.num_conditions > 0
-    complete = functools.partial(_complete, path, num_samples, image_shape, labelled)
-    ranges = _chunk_ranges(num_samples, settings.batch_size)
+    complete = functools.partial(sample_files.complete, path, num_samples, image_shape, labelled)
+    ranges = sample_files.chunk_ranges(num_samples, settings.batch_size)
     todo = np.zeros(len(ranges), bool)
     if _is_leader() and not complete():
-        todo[:] = [_read_chunk(_chunk_path(out_dir, *r), *r, image_shape) is None for r in ranges]
+        todo[:] = [sample_files.read_chunk(sample_files.chunk_path(out_dir, *r), *r, image_shape) is None for r in ranges]
     todo = _from_leader(todo)
     if todo.any():
         logging.info("sampling %d of %d chunks (%d already written) into %s", todo.sum(), len(ranges),
@@ -473,7 +366,7 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
                                           sample.num_conditions)[:end - start]  # one shape: one compile
         images = sample(indices, labels)
         if _is_leader():
-            _write_atomic(_chunk_path(out_dir, start, end),
+            sample_files.write_atomic(sample_files.chunk_path(out_dir, start, end),
                           lambda f: np.savez(f, images=images, labels=labels, indices=indices))
         done += 1
         rate = done * settings.batch_size / (time.monotonic() - began)
@@ -482,64 +375,9 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     multihost_utils.sync_global_devices("ldm_jax.sample.chunks")
     if _is_leader():
         if not complete():
-            _assemble(out_dir, ranges, image_shape, labelled, path)
+            sample_files.assemble(out_dir, ranges, image_shape, labelled, path)
         shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
     multihost_utils.sync_global_devices("ldm_jax.sample.assembled")
     return path
 
 
-def _npz_shapes(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{member: (shape, dtype)} of an .npz from the .npy headers alone (nothing loaded)."""
-    shapes = {}
-    with zipfile.ZipFile(path) as archive:
-        for name in archive.namelist():
-            with archive.open(name) as f:
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
-                shape, _, dtype = read_header(f)
-                shapes[name.removesuffix(".npy")] = (shape, dtype)
-    return shapes
-
-
-def _complete(path: str, num_samples: int, image_shape: tuple[int, ...], with_labels: bool) -> bool:
-    """Whether `path` is a finished samples.npz of this many images of this shape (and labels)."""
-    try:
-        shapes = _npz_shapes(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        return False
-    return shapes.get("arr_0") == ((num_samples, *image_shape), np.dtype(np.uint8)) and \
-        (not with_labels or shapes.get("arr_1", ((),))[0] == (num_samples,))
-
-
-def _assemble(out_dir: str, ranges: list[tuple[int, int]], image_shape: tuple[int, ...], with_labels: bool,
-              path: str) -> None:
-    """Streams the chunks, in index order, into `path` (arr_0 images, arr_1 labels if `with_labels`),
-    checking that they hold every index 0..N-1 exactly once; one chunk in memory at a time."""
-    num_samples = ranges[-1][1]
-    labels = np.zeros(num_samples, np.int32)
-    counts = np.zeros(num_samples, np.int64)
-
-    def member(archive, name):
-        return archive.open(zipfile.ZipInfo(name, date_time=_ZIP_DATE), "w", force_zip64=True)
-
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with member(archive, "arr_0.npy") as out:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                          "shape": (num_samples, *image_shape)}
-                np.lib.format.write_array_header_1_0(out, header)
-                for start, end in ranges:
-                    chunk = _read_chunk(_chunk_path(out_dir, start, end), start, end, image_shape)
-                    if chunk is None:
-                        raise RuntimeError(f"chunk {_chunk_path(out_dir, start, end)} is missing or damaged")
-                    out.write(np.ascontiguousarray(chunk["images"]).tobytes())
-                    labels[start:end] = chunk["labels"]
-                    np.add.at(counts, chunk["indices"], 1)
-            if not np.all(counts == 1):
-                raise RuntimeError(f"chunks hold indices {np.flatnonzero(counts != 1)[:10]}... not exactly once")
-            if with_labels:
-                with member(archive, "arr_1.npy") as out:
-                    np.lib.format.write_array(out, labels)
-
-    _write_atomic(path, write)
-    logging.info("wrote %d samples to %s", num_samples, path)

@@ -71,7 +71,8 @@ def denoiser(model: Any, params: Any) -> Partial:
 def example_conditions(model: Any) -> dict[str, jax.Array] | None:
     """Zeros shaped like the `y` a DiT takes (`model.condition_fields()`), batch 1 and one token,
     for `model.init` / `jax.eval_shape`; None when it takes no condition."""
-    sizes = {"B": 1, "L": 1, "h": model.input_size, "w": model.input_size}
+    height, width = model.sample_shape[-3:-1]
+    sizes = {"B": 1, "L": 1, "h": height, "w": width}
     dtypes = {"label": jnp.int32, "context_mask": jnp.bool_}
     conditions = {key: jnp.zeros([sizes.get(d, d) for d in dims], dtypes.get(key, jnp.float32))
                   for key, (_, dims) in model.condition_fields().items()}
@@ -110,8 +111,8 @@ def grid_labels(rows: int, cols: int, num_classes: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Generator:
-    """Per-sample keys + conditions -> images: a DiT-like denoiser (`model(x, t, y)` with
-    `input_size`, `in_channels`, `num_classes`, `condition_fields()`: y = {"label": [B]} with the
+    """Per-sample keys + conditions -> images: a denoiser backbone (`models/backbones.py`:
+    `model(x, t, y)` with `sample_shape`, `num_classes`, `condition_fields()`: y = {"label": [B]} with the
     null class `num_classes`, and/or the text conditions; y = None for an unconditional model), its
     schedule, a sampler, classifier-free guidance and the latent decoder. Hashable: it is the static
     part of one jitted program.
@@ -183,8 +184,9 @@ class Generator:
                         guided_channels=self.guided_channels)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.model.input_size, self.model.input_size, self.model.in_channels)
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's latent shape (the backbone's `sample_shape`)."""
+        return tuple(self.model.sample_shape)
 
     def image_shape(self, vae_params: Any) -> tuple[int, ...]:
         """The shape [H, W, C] of one decoded image."""
