@@ -92,7 +92,7 @@ def evaluate_command() -> None:
 def encode_command() -> None:
     import jax
 
-    from ldm_jax import text_conditioning
+    from ldm_jax.conditioning import text_encoding
     from ldm_jax.data import latent_cache, pipeline
     from ldm_jax.parallel import mesh as mesh_lib
     from ldm_jax.inference import bundles
@@ -114,7 +114,7 @@ def encode_command() -> None:
         pipeline.make_source(data), encode, FLAGS.out, image_size=data.image_size,
         downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
         sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
-        num_threads=data.num_threads, text=text_conditioning.text_encoder_from_config(config.get("text")),
+        num_threads=data.num_threads, text=text_encoding.text_encoder_from_config(config.get("text")),
         vae=identity,
     )
     print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "

@@ -29,7 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     # A frozen VAE model bundle: images are encoded on the fly and previews decoded ("" = none:
     # latents come from a latent cache, or diffusion runs in pixel space).
     config.vae = ml_collections.ConfigDict(dict(path=""))
-    # text_conditioning.py: captions/prompts -> a frozen CLIP text encoder -> the DiT's context/pooled
+    # conditioning/text_encoding.py: captions/prompts -> a frozen CLIP text encoder -> the DiT's context/pooled
     # (model.context_dim / pooled_dim = its width); caption dropout: model.class_dropout_prob.
     config.text = ml_collections.ConfigDict(
         dict(
@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
             skip_last_layers=0,  # diffusers' clip_skip
         )
     )
-    # image_conditioning.py: a DiT that inpaints (model.concat_channels = 1 + latent channels; masks
+    # conditioning/image_tasks.py: a DiT that inpaints (model.concat_channels = 1 + latent channels; masks
     # from data.inpaint_masks) or upscales (concat_channels = 3, noise_level_conditioning=True).
     config.image_task = ml_collections.ConfigDict(
         dict(

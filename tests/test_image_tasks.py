@@ -1,5 +1,5 @@
 """Image tasks: random inpainting masks in the data pipeline, the inpainting and super-resolution
-conditions (image_conditioning), their config checks, and `ldm-jax sample --image/--mask/--task`
+conditions (image_tasks), their config checks, and `ldm-jax sample --image/--mask/--task`
 with its errors. The trained acceptance runs: tests/test_upscaling_trained.py, test_inpainting_trained.py."""
 import dataclasses
 import subprocess
@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from bundles import random_params
-from ldm_jax import image_conditioning
+from ldm_jax.conditioning import image_tasks
+from ldm_jax.conditioning.image_tasks import ImageTask
 from ldm_jax.data import pipeline, transforms
 from ldm_jax.diffusion import samplers, schedules
-from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.inference import generation, sampling
 from ldm_jax.models import serialization
 from ldm_jax.models.dit import DiT
@@ -80,25 +80,25 @@ def test_hole_on_grid_marks_a_cell_with_any_hole_pixel():
     mask = np.zeros((1, 4, 4, 1), np.float32)
     mask[0, 0, 1] = 1.0  # one pixel of cell (0, 0)
     mask[0, 2:, 2:] = 1.0  # all of cell (1, 1)
-    np.testing.assert_array_equal(image_conditioning.hole_on_grid(jnp.asarray(mask), 2, 2)[0, ..., 0],
+    np.testing.assert_array_equal(image_tasks.hole_on_grid(jnp.asarray(mask), 2, 2)[0, ..., 0],
                                   [[1.0, 0.0], [0.0, 1.0]])
     with pytest.raises(ValueError, match="not a multiple of the latent grid 3x3"):
-        image_conditioning.hole_on_grid(jnp.asarray(mask), 3, 3)
+        image_tasks.hole_on_grid(jnp.asarray(mask), 3, 3)
 
 
 def test_downsample_is_the_block_mean_and_names_a_size_that_does_not_divide():
     images = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
     expected = images.reshape(2, 2, 4, 2, 4, 3).mean(axis=(2, 4))
-    np.testing.assert_allclose(image_conditioning.downsample(jnp.asarray(images), 2), expected, rtol=1e-6)
+    np.testing.assert_allclose(image_tasks.downsample(jnp.asarray(images), 2), expected, rtol=1e-6)
     with pytest.raises(ValueError, match="image_task.low_res_size=3 does not divide the 8x8 images"):
-        image_conditioning.downsample(jnp.asarray(images), 3)
+        image_tasks.downsample(jnp.asarray(images), 3)
 
 
 def test_noise_augmentation_follows_the_linear_ddpm_schedule():
     low = np.random.default_rng(0).uniform(-1, 1, (3, 4, 4, 3)).astype(np.float32)
     noise = np.random.default_rng(1).standard_normal(low.shape).astype(np.float32)
     levels = np.array([0, 20, 350])
-    cond = image_conditioning.upscale_conditions(jnp.asarray(low), jnp.asarray(levels), jnp.asarray(noise))
+    cond = image_tasks.upscale_conditions(jnp.asarray(low), jnp.asarray(levels), jnp.asarray(noise))
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)  # DDPM's linear schedule, in float64
     alpha_bar = np.cumprod(1.0 - betas)[levels][:, None, None, None]
     expected = np.sqrt(alpha_bar) * low + np.sqrt(1.0 - alpha_bar) * noise
@@ -110,7 +110,7 @@ def test_inpainting_conditions_are_the_hole_and_the_encoded_masked_image():
     images = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
     mask = np.zeros((2, 8, 8, 1), np.float32)
     mask[:, :, 4:] = 1.0
-    cond = image_conditioning.inpaint_conditions(jnp.asarray(images), jnp.asarray(mask), lambda x: x * 2.0, (8, 8))
+    cond = image_tasks.inpaint_conditions(jnp.asarray(images), jnp.asarray(mask), lambda x: x * 2.0, (8, 8))
     np.testing.assert_array_equal(cond["concat"][..., :1], mask)
     np.testing.assert_allclose(cond["concat"][..., 1:], 2.0 * images * (1.0 - mask))
 

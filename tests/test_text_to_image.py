@@ -15,7 +15,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ldm_jax import demo, text_conditioning
+from ldm_jax import demo
+from ldm_jax.conditioning import pairs, text_encoding
 from ldm_jax.config import default_config
 from ldm_jax.data import latent_cache, pipeline, sources
 from ldm_jax.diffusion import objectives
@@ -43,7 +44,7 @@ def clip_paths(fixtures_dir):
 @pytest.fixture(scope="module")
 def text_encoder(clip_paths):
     """(TextEncoder, params) of the tiny CLIP at configs/t2i_digits.py's settings."""
-    return text_conditioning.text_encoder_from_config({**clip_paths, "max_length": MAX_LENGTH})
+    return text_encoding.text_encoder_from_config({**clip_paths, "max_length": MAX_LENGTH})
 
 
 def _config(clip_paths):
@@ -85,7 +86,7 @@ def test_dropped_samples_get_exactly_the_empty_caption_and_null_class_in_one_dra
             "context_mask": np.array([True, True, False, False, False]),
             "pooled": rng.standard_normal(4).astype(np.float32)}
     key = jax.random.key(3)
-    out = jax.tree.map(np.asarray, steps.drop_conditions(key, cond, null, 0.3))
+    out = jax.tree.map(np.asarray, pairs.drop_conditions(key, cond, null, 0.3))
     dropped = out["label"] == 10
     assert 5 < dropped.sum() < 40
     expected = np.where(np.asarray(jax.random.uniform(key, (b,))) < 0.3, 10, np.asarray(cond["label"]))
@@ -93,9 +94,9 @@ def test_dropped_samples_get_exactly_the_empty_caption_and_null_class_in_one_dra
     for name in ("context", "context_mask", "pooled"):
         np.testing.assert_array_equal(out[name][dropped], np.broadcast_to(null[name], out[name][dropped].shape))
         np.testing.assert_array_equal(out[name][~dropped], np.asarray(cond[name])[~dropped])
-    text_only = steps.drop_conditions(key, {k: v for k, v in cond.items() if k != "label"}, null, 0.3)
+    text_only = pairs.drop_conditions(key, {k: v for k, v in cond.items() if k != "label"}, null, 0.3)
     np.testing.assert_array_equal(text_only["pooled"], out["pooled"])  # the draw is per sample, whatever the keys
-    no_null = steps.drop_conditions(key, cond, {"label": 10}, 0.3)  # conditions without a null value stay
+    no_null = pairs.drop_conditions(key, cond, {"label": 10}, 0.3)  # conditions without a null value stay
     np.testing.assert_array_equal(no_null["context"], cond["context"])
 
 
@@ -299,7 +300,7 @@ def test_sample_command_takes_prompts_and_truncates_long_ones(trained, tmp_path,
     protocol = json.loads((tmp_path / "samples" / "protocol.json").read_text())["text"]
     assert protocol["prompts"] == ["the digit three", long_prompt]
     assert protocol["weights_sha256"] == serialization.params_sha256(text_params)
-    assert protocol["tokenizer_sha256"] == text_conditioning.tokenizer_sha256(encoder.tokenizer)
+    assert protocol["tokenizer_sha256"] == text_encoding.tokenizer_sha256(encoder.tokenizer)
     assert protocol["encoder_path"] == clip_paths["encoder_path"] and protocol["max_length"] == MAX_LENGTH
 
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from bundles import task_generator, train_and_export
-from ldm_jax import demo, image_conditioning
+from ldm_jax import demo
+from ldm_jax.conditioning import image_tasks
 from ldm_jax.data import transforms
 from ldm_jax.inference import generation, sampling
 from subprocesses import load_config
@@ -36,7 +37,7 @@ def test_upscaling_8_to_32_beats_bicubic_on_held_out_digits(upscaler):
     config, task, state, _ = upscaler
     images, _ = demo.preprocessed_digits(config.data, "test")
     images = images[:NUM_HELD_OUT]
-    low = np.asarray(image_conditioning.downsample(jnp.asarray(transforms.to_unit_range(images)), 8))
+    low = np.asarray(image_tasks.downsample(jnp.asarray(transforms.to_unit_range(images)), 8))
     upscaled = generation.to_uint8(task_generator(config, task)(
         state.ema_params, None, jax.random.key(0), jnp.arange(len(low)), jnp.zeros(len(low), jnp.int32),
         image=jnp.asarray(low)))
@@ -51,7 +52,7 @@ def test_upscaling_8_to_32_beats_bicubic_on_held_out_digits(upscaler):
 def test_sample_upscales_the_given_image(upscaler, tmp_path):
     config, _, _, path = upscaler
     image = demo.preprocessed_digits(config.data, "test")[0][0]
-    low = generation.to_uint8(image_conditioning.downsample(jnp.asarray(transforms.to_unit_range(image[None])), 8))[0]
+    low = generation.to_uint8(image_tasks.downsample(jnp.asarray(transforms.to_unit_range(image[None])), 8))[0]
     Image.fromarray(low).save(tmp_path / "low.png")
     config.sample.update(model_path=path, image=str(tmp_path / "low.png"), task="upscale", grid_rows=1, grid_cols=4,
                          batch_size=4, out_dir=str(tmp_path / "out"))

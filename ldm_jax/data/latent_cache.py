@@ -7,7 +7,7 @@ posterior of the mirrored image, so the flip augmentation survives caching (the 
 of the two at random). Per-channel sums are kept per shard for "channel" normalisation. The file
 format and the reader are in `sources.py` (`LatentSource`).
 
-Given a text encoder (`text_conditioning.text_encoder_from_config(config.text)`), each caption's
+Given a text encoder (`text_encoding.text_encoder_from_config(config.text)`), each caption's
 text embeddings ("context" [L, D], "context_mask" [L], "pooled" [D]) are cached in its record too,
 and the empty caption's beside them (`sources.EMPTY_CAPTION`): training on the cache then never
 runs the text encoder, and its caption dropout uses the same encoder's empty caption.
@@ -239,7 +239,7 @@ def cache_latents(
       process_index, process_count: which shards this host writes (k % count == index); default
         `jax.process_index()` / `jax.process_count()`.
       log_every_s: seconds between progress lines.
-      text: (`text_conditioning.TextEncoder`, its params): also cache each caption's text
+      text: (`text_encoding.TextEncoder`, its params): also cache each caption's text
         embeddings (the source must give captions) and the empty caption's (module docstring).
       vae: the encoding VAE's `latent_space.vae_identity` (weights sha256, scaling/shift factors),
         recorded in the meta: training checks it against vae.path and normalises by it.

@@ -3,9 +3,9 @@
 `LatentDecoder` maps the denoiser's (normalised) latents back to images in [-1, 1]; with no VAE
 (pixel-space diffusion) it is the identity. `Generator` runs a sampler with classifier-free
 guidance and decodes, one jit per batch shape; the training previews and `ldm-jax sample` both use it.
-It conditions on class labels and/or text (already encoded: `text_conditioning`); the null
+It conditions on class labels and/or text (already encoded: `text_encoding`); the null
 condition of guidance is the null class and the empty caption's embedding. Given an image (and a
-mask) it inpaints or upscales it (`image_conditioning`; any model inpaints training-free by RePaint).
+mask) it inpaints or upscales it (`image_tasks`; any model inpaints training-free by RePaint).
 
 Per-sample randomness: sample i of a run with key K draws everything from
 `key_i = fold_in(K, i)`, split into (initial noise, sampler steps, label) keys (`sample_keys`);
@@ -26,12 +26,13 @@ import numpy as np
 from jax.tree_util import Partial
 from PIL import Image
 
+from ldm_jax.conditioning.image_tasks import ImageTask, hole_on_grid, inpaint_conditions, upscale_conditions
+from ldm_jax.conditioning.pairs import condition_pair
+from ldm_jax.conditioning.text_encoding import text_keys
 from ldm_jax.diffusion import samplers
 from ldm_jax.diffusion.guidance import Guidance
 from ldm_jax.diffusion.schedules import DiscreteSchedule, FlowSchedule
-from ldm_jax.image_conditioning import ImageTask, hole_on_grid, inpaint_conditions, upscale_conditions
 from ldm_jax.models.vae import scale_latents
-from ldm_jax.text_conditioning import text_keys
 
 LABEL_MODES = ("random", "balanced")
 
@@ -119,7 +120,7 @@ class Generator:
 
     guidance_scale 1 disables guidance; guidance_interval and guided_channels: see `Guidance`.
     image_task: what the model was trained to take as `y["concat"]` / `y["noise_level"]`
-      (`image_conditioning.ImageTask`; None: nothing): called with the images to inpaint or upscale.
+      (`image_tasks.ImageTask`; None: nothing): called with the images to inpaint or upscale.
     jumps: (jump_length, jump_n_sample) of the known-region replacement when inpainting (RePaint,
       `samplers.Inpainting`): any model inpaints so, a trained inpainting model with (·, 1) (its
       concat conditions do the work; the replacement keeps the known latents exact).
@@ -250,16 +251,10 @@ def _image_conditions(generator: Generator, vae_params, key_per_sample, image, m
 def _generate(generator: Generator, params, vae_params, key, indices, labels, text, null_text, image, mask):
     noise_keys, step_keys, label_keys = sample_keys(key, indices)
     noise = jax.vmap(lambda k: jax.random.normal(k, generator.latent_shape))(noise_keys)
-    cond, null, inpaint = {}, {}, None
-    if generator.conditional:
-        cond["label"], null["label"] = labels, jnp.int32(generator.model.num_classes)
-    if generator.text_keys:
-        cond.update(text)
-        null.update(null_text or {})
+    image_cond, inpaint = {}, None
     if image is not None:
         image_cond, inpaint = _image_conditions(generator, vae_params, label_keys, image, mask)
-        cond.update(image_cond)
-        null.update(image_cond)  # guidance varies the label / caption only
+    cond, null = condition_pair(generator.model, labels, text, null_text, shared=image_cond)
     guidance = generator.guidance(null) if generator.guided else None
     latents = samplers.sample(denoiser(generator.model, params), noise, cond or None, schedule=generator.schedule,
                               config=generator.sampler, key=step_keys, guidance=guidance, inpaint=inpaint)

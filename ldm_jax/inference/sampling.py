@@ -61,10 +61,10 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 import ldm_jax
-from ldm_jax import image_conditioning, text_conditioning
+from ldm_jax.conditioning import image_tasks, text_encoding
+from ldm_jax.conditioning.image_tasks import ImageTask
 from ldm_jax.data import transforms
 from ldm_jax.diffusion import objectives
-from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.inference import bundles, generation, sample_files
 from ldm_jax.inference.sample_files import GRID_FILE, PROTOCOL_FILE, SAMPLES_FILE
 from ldm_jax.models import serialization
@@ -118,21 +118,21 @@ def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTas
     ValueError for prompts given to a model without text, and for a model whose conditions
     `ldm-jax sample` cannot supply (naming them)."""
     fields = model.condition_fields()
-    keys = text_conditioning.text_keys(model)
-    supplied = {"label", *text_conditioning.TEXT_KEYS, *(("concat", "noise_level") if image_task else ())}
+    keys = text_encoding.text_keys(model)
+    supplied = {"label", *text_encoding.TEXT_KEYS, *(("concat", "noise_level") if image_task else ())}
     unsupported = sorted(set(fields) - supplied)
     if unsupported or (keys and model.num_classes):
         raise ValueError(f"{where}: a DiT conditioned on {sorted(fields)}; `ldm-jax sample` samples class-conditional, "
                          "text-conditioned and unconditional DiTs, and ones trained with an image_task (inpaint, "
                          "upscale; recorded in model.json)")
-    prompts, prompts_protocol = text_conditioning.prompts_from_config(config.sample)
+    prompts, prompts_protocol = text_encoding.prompts_from_config(config.sample)
     if not keys:
         if prompts:
             name = "sample.prompts_file" if config.sample.get("prompts_file") else "--prompt / sample.prompts"
             raise ValueError(f"{name}: {where} is not text-conditioned (it takes {sorted(fields) or 'no condition'}); "
                              "sample it without prompts")
         return None, None
-    loaded = text_conditioning.text_encoder_from_config(config.get("text"))
+    loaded = text_encoding.text_encoder_from_config(config.get("text"))
     if loaded is None or not prompts:
         raise ValueError(f"{where}: a DiT conditioned on {list(keys)} needs prompts (--prompt, sample.prompts or "
                          "sample.prompts_file) and its text encoder (text.encoder_path, text.tokenizer_path)")
@@ -140,7 +140,7 @@ def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTas
     protocol = {**prompts_protocol, **encoder.describe(), "encoder_path": os.path.abspath(config.text.encoder_path),
                 "tokenizer_path": os.path.abspath(config.text.tokenizer_path),
                 "weights_sha256": serialization.params_sha256(text_params)}
-    return text_conditioning.PromptConditions(encoder, text_params, prompts, keys), protocol
+    return text_encoding.PromptConditions(encoder, text_params, prompts, keys), protocol
 
 
 def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generation.Generator, Any, Any, Any, dict, dict]:
@@ -212,8 +212,8 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
     trained for, or an image / mask of the wrong size."""
     trained = generator.image_task.kind if generator.image_task is not None else ""
     task = settings.get("task", "") or trained or ("inpaint" if settings.get("mask") else "")
-    if task not in ("",) + image_conditioning.KINDS:
-        raise ValueError(f"sample.task={task!r} (--task): allowed values are {image_conditioning.KINDS}")
+    if task not in ("",) + image_tasks.KINDS:
+        raise ValueError(f"sample.task={task!r} (--task): allowed values are {image_tasks.KINDS}")
     if task == "upscale" and trained != "upscale":
         raise ValueError(f"--task=upscale (sample.task): {where} was not trained to upscale (its image_task: "
                          f"{trained or 'none'}; train one with image_task.kind='upscale')")

@@ -47,7 +47,7 @@ class); "context" / "context_mask" / "pooled": the empty caption's embedding [L,
 pooled vector [Dp] (the model has no null token: caption dropout in training substitutes the same
 empty-caption embedding); "concat" / "noise_level": the conditional values themselves (they are
 not dropped). Condition dropout is not done inside the model: the training step calls
-`ldm_jax.training.steps.drop_conditions`.
+`ldm_jax.conditioning.pairs.drop_conditions`.
 
 Parameter layout (the converters in `ldm_jax.convert.dit` / `ldm_jax.convert.pixart` produce it):
 

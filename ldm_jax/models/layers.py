@@ -164,7 +164,7 @@ class LabelEmbedder(nn.Module):
     """y: [B] int -> [B, hidden_size]; rows 0..num_classes-1, plus the null class row num_classes.
 
     The null row (classifier-free guidance) exists when `use_null_class`; label dropout is done
-    outside the model (`ldm_jax.training.steps.drop_conditions`).
+    outside the model (`ldm_jax.conditioning.pairs.drop_conditions`).
     """
 
     num_classes: int

@@ -7,7 +7,7 @@
 * `DiffusionObjective` + `diffusion_loss_fn`: the denoiser's loss on a batch of latents (cached, or
   encoded on the fly by a frozen VAE), conditioned on labels and/or text (cached embeddings, or
   token ids encoded by a frozen text encoder) and/or images (inpainting, super-resolution:
-  `image_conditioning`), with condition dropout for classifier-free guidance.
+  `image_tasks`), with condition dropout for classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ldm_jax.conditioning.image_tasks import ImageTask
+from ldm_jax.conditioning.pairs import condition_pair, drop_conditions
+from ldm_jax.conditioning.text_encoding import TEXT_KEYS, text_keys
 from ldm_jax.diffusion.objectives import DiffusionObjective
-from ldm_jax.image_conditioning import ImageTask
-from ldm_jax.text_conditioning import TEXT_KEYS, text_keys
 from ldm_jax.training.state import TrainState, apply_gradients, ema_decay_at, tree_all_finite
 
 LossFn = Callable[[Any, Any, Mapping[str, jax.Array], jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -107,25 +108,6 @@ def train_step(
     return new_state, metrics
 
 
-def drop_conditions(key: jax.Array, cond: Mapping[str, jax.Array], null_cond: Mapping[str, Any],
-                    prob: float) -> dict[str, jax.Array]:
-    """Condition dropout for classifier-free guidance: ONE uniform draw per sample; where it falls
-    below `prob`, every condition named in `null_cond` takes its null value at once.
-
-    cond: {name: [B, ...]}; null_cond: {name: a value broadcastable to one sample's [...]} (DiT's
-    null class for "label", the empty caption's embedding for the text keys: the null condition
-    guidance pairs samples with).
-    """
-    batch = next(iter(cond.values())).shape[0]
-    drop = jax.random.uniform(key, (batch,)) < prob
-
-    def replace(value, null):
-        null = jnp.broadcast_to(jnp.asarray(null, value.dtype), value.shape)
-        return jnp.where(drop.reshape((-1,) + (1,) * (value.ndim - 1)), null, value)
-
-    return {name: replace(value, null_cond[name]) if name in null_cond else value for name, value in cond.items()}
-
-
 def batch_text(batch: Mapping[str, jax.Array], frozen: Any, model: nn.Module,
                encode_text: Callable[[Any, jax.Array, jax.Array], dict] | None) -> dict[str, jax.Array]:
     """The text conditions `model` takes, from the batch: its cached embeddings, or its token ids
@@ -172,7 +154,7 @@ def diffusion_loss_fn(
       the images (and "mask" [B, H, W, 1] for inpainting) it builds "concat" / "noise_level" from.
     frozen: what the loss reads but does not train, a dict: "vae" and "text_encoder" params for the
       two encoders, "null_text": the empty caption's text conditions (one sample, no batch axis).
-    Condition dropout (`drop_conditions`): with probability `model.class_dropout_prob` a sample's
+    Condition dropout (`conditioning.pairs`): with probability `model.class_dropout_prob` a sample's
     label becomes the null class and its text the empty caption, both at once.
     """
     dropout_key, encode_key, loss_key = jax.random.split(key, 3)
@@ -182,12 +164,9 @@ def diffusion_loss_fn(
         x0 = jax.lax.stop_gradient(encode_images(frozen["vae"], batch["image"], encode_key))
     else:  # pixel-space diffusion
         x0 = batch["image"]
-    cond, null = {}, {}
-    if model.num_classes:
-        cond["label"], null["label"] = batch["label"], model.num_classes
-    if text_keys(model):
-        cond.update(batch_text(batch, frozen, model, encode_text))
-        null.update(frozen["null_text"])
+    text = batch_text(batch, frozen, model, encode_text) if text_keys(model) else None
+    labels = batch["label"] if model.num_classes else None
+    cond, null = condition_pair(model, labels, text, frozen["null_text"] if text else None)
     if cond and model.class_dropout_prob > 0:
         cond = drop_conditions(dropout_key, cond, null, model.class_dropout_prob)
     if image_task is not None:

@@ -4,7 +4,7 @@ A `Task` is all the loop needs to know about a model; the loop itself is model-a
   * "diffusion": a DiT on latents (cached, or images encoded on the fly by a frozen VAE bundle),
     or on pixels when no VAE is configured; conditioned on labels and/or text (captions embedded
     by a frozen CLIP text encoder inside the step, or read from a latent cache's text embeddings)
-    and/or, with `image_task`, on images it inpaints or upscales (`image_conditioning`).
+    and/or, with `image_task`, on images it inpaints or upscales (`image_tasks`).
   * "autoencoder": the KL-VAE with the LDM recipe (L1 + optional LPIPS + KL + PatchGAN hinge loss
     with the adaptive weight); params = {"autoencoder", "discriminator"}, one optimizer over both
     (the generator and discriminator losses touch disjoint parameters).
@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax import image_conditioning, latent_space, text_conditioning
+from ldm_jax import latent_space
+from ldm_jax.conditioning import image_tasks, text_encoding
+from ldm_jax.conditioning.image_tasks import ImageTask
 from ldm_jax.convert.lpips import load_lpips_or_none
 from ldm_jax.data import pipeline, sources, transforms
 from ldm_jax.diffusion import objectives
-from ldm_jax.image_conditioning import ImageTask
 from ldm_jax.inference import bundles, generation
 from ldm_jax.models import serialization
 from ldm_jax.models.backbones import backbone_from_config, module_from_config
@@ -73,12 +74,12 @@ def _cached_text(config: Any) -> dict[str, Any] | None:
 
 def _text_setup(
     config: Any, model: DiT, frozen: dict[str, Any]
-) -> tuple[text_conditioning.TextEncoder | None, text_conditioning.PromptConditions | None]:
+) -> tuple[text_encoding.TextEncoder | None, text_encoding.PromptConditions | None]:
     """For a text-conditioned DiT: puts the empty caption's embedding (and the text encoder's params,
     when captions arrive as token ids) into `frozen`. Returns (the encoder the loss runs on token
     ids, or None: cached embeddings; the preview prompts' conditions, or None: no previews)."""
-    keys = text_conditioning.text_keys(model)
-    loaded = text_conditioning.text_encoder_from_config(config.text)
+    keys = text_encoding.text_keys(model)
+    loaded = text_encoding.text_encoder_from_config(config.text)
     if not keys:
         if loaded is not None:
             logging.warning("text.encoder_path is set, but the model takes no text (model.context_dim and "
@@ -110,12 +111,12 @@ def _text_setup(
     encode_text = loaded[0] if "text_encoder" in frozen else None
     if not config.train.preview_every:
         return encode_text, None
-    prompts, _ = text_conditioning.prompts_from_config(config.sample)
+    prompts, _ = text_encoding.prompts_from_config(config.sample)
     if loaded is None or not prompts:
         raise ValueError(f"train.preview_every={config.train.preview_every}: previews of a text-conditioned model "
                          "need prompts (sample.prompts or sample.prompts_file) and the text encoder "
                          "(text.encoder_path, text.tokenizer_path); or set train.preview_every=0")
-    return encode_text, text_conditioning.PromptConditions(*loaded, prompts, keys)
+    return encode_text, text_encoding.PromptConditions(*loaded, prompts, keys)
 
 
 def _image_task_setup(config: Any, model: DiT) -> ImageTask | None:
@@ -125,7 +126,7 @@ def _image_task_setup(config: Any, model: DiT) -> ImageTask | None:
         if model.concat_channels or model.noise_level_conditioning:
             raise ValueError(f"model.concat_channels={model.concat_channels}, noise_level_conditioning="
                              f"{model.noise_level_conditioning}: these take image conditions; set image_task.kind "
-                             f"to one of {image_conditioning.KINDS}")
+                             f"to one of {image_tasks.KINDS}")
         return None
     image_task.check_model(model)
     if config.data.source == "latents":
@@ -150,7 +151,7 @@ def _preview_inputs(config: Any, image_task: ImageTask | None, count: int) -> di
         raise ValueError(f"train.preview_every: the previews of an image task need {count} data images "
                          f"(sample.grid_rows x grid_cols); the data has {len(images)}")
     if image_task.kind == "upscale":
-        return {"image": np.asarray(image_conditioning.downsample(images, image_task.low_res_size))}
+        return {"image": np.asarray(image_tasks.downsample(images, image_task.low_res_size))}
     mask = np.zeros(images.shape[:-1] + (1,), np.float32)
     mask[:, :, images.shape[2] // 2:] = 1.0
     return {"image": images, "mask": mask}
@@ -200,7 +201,7 @@ def diffusion_task(config: Any) -> Task:
         metadata = {"task": "diffusion", "latents": latents, "diffusion": config.diffusion.to_dict()}
         if image_task is not None:
             metadata["image_task"] = image_task.describe()
-        if text_conditioning.text_keys(model):
+        if text_encoding.text_keys(model):
             metadata["text"] = {k: config.text[k] for k in ("encoder_path", "tokenizer_path", "max_length",
                                                             "skip_last_layers")}
         # The run re-exports its own <workdir>/model (a rerun after the last step): replacing it is intended.
