@@ -64,12 +64,13 @@ def bench_dit(preset: str, repeats: int, peak: float) -> None:
     _report(f"{preset} forward", forward, (params, x), repeats, peak)
     _report(f"{preset} forward+backward", forward_backward, (params, x), repeats, peak)
 
-    tx = optimizers.make_optimizer({"learning_rate": 1e-4})
+    optimizer_config = default_config().optimizer  # DiT's recipe: AdamW, lr 1e-4
+    tx = optimizers.make_optimizer(optimizer_config)
     state = init_train_state(params, tx, jax.random.PRNGKey(0))
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
                                 objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=model.learn_sigma))
     step = functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx,
-                             learning_rate=optimizers.learning_rate_schedule({"learning_rate": 1e-4}),
+                             learning_rate=optimizers.learning_rate_schedule(optimizer_config),
                              ema_decay=0.9999)
     batch = {"latent": x, "label": y}
     _report(f"{preset} train step (AdamW+EMA)", lambda s, b: step(s, None, b), (state, batch), repeats, peak, 8)

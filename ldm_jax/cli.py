@@ -101,7 +101,7 @@ def encode_command() -> None:
     config = FLAGS.config
     if not config.vae.path:
         raise app.UsageError("encode: set --config.vae.path to the VAE model bundle to encode with")
-    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh_lib.initialize_distributed(config.distributed)
     mesh = mesh_lib.make_mesh(dict(config.mesh))
     data = pipeline.resolve_config(config.data)
     vae, params, identity = bundles.load_vae(config.vae.path)
@@ -114,7 +114,7 @@ def encode_command() -> None:
         pipeline.make_source(data), encode, FLAGS.out, image_size=data.image_size,
         downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
         sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
-        num_threads=data.num_threads, text=text_encoding.text_encoder_from_config(config.get("text")),
+        num_threads=data.num_threads, text=text_encoding.text_encoder_from_config(config.text),
         vae=identity,
     )
     print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "

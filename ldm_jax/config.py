@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
     # training/optimizers.py. DiT: AdamW, lr 1e-4, no weight decay, constant.
     config.optimizer = ml_collections.ConfigDict(
-        dict(name="adamw", learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        dict(name="adamw", learning_rate=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
              schedule="constant", warmup_steps=0, total_steps=0, grad_clip_norm=0.0)
     )
     config.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))

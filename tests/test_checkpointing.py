@@ -15,11 +15,12 @@ from ldm_jax.parallel.mesh import make_mesh
 from ldm_jax.training import optimizers
 from ldm_jax.training.checkpointing import Checkpointer, UnreadableCheckpointsError, abstract_like
 from ldm_jax.training.state import apply_gradients, init_train_state
+from sections import section
 
 
 def _state(seed=0):
     params = {"w": jax.random.normal(jax.random.key(seed), (8, 4)), "b": jnp.zeros(4)}
-    tx = optimizers.make_optimizer({"learning_rate": 1e-2})
+    tx = optimizers.make_optimizer(section("optimizer", learning_rate=0.01))
     state = init_train_state(params, tx, jax.random.PRNGKey(seed))
     return apply_gradients(state, jax.tree_util.tree_map(jnp.ones_like, params), tx, jnp.float32(0.5))
 

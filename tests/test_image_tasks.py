@@ -22,6 +22,7 @@ from ldm_jax.models.dit import DiT
 from ldm_jax.models.vae import AutoencoderKL
 from ldm_jax.parallel.mesh import make_mesh
 from ldm_jax.training import tasks
+from sections import section
 from subprocesses import ROOT, cpu_env, load_config
 
 PIXEL_DIT = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=4, learn_sigma=False)
@@ -207,7 +208,7 @@ def files(tmp_path_factory):
     mask[:, 4:] = 255
     return {
         "class_dit": _bundle(root / "class_dit", DiT(**PIXEL_DIT, num_classes=10)),
-        "upscaler": _bundle(root / "upscaler", upscaler, ImageTask("upscale", low_res_size=4)),
+        "upscaler": _bundle(root / "upscaler", upscaler, ImageTask.from_config(section("image_task", kind="upscale", low_res_size=4))),
         "image": _png(root / "image.png", rng.integers(0, 256, (8, 8, 3), np.uint8)),
         "mask": _png(root / "mask.png", mask),
         "small_mask": _png(root / "small_mask.png", mask[:4, :4]),
@@ -279,7 +280,7 @@ def test_latent_inpainting_pastes_the_known_pixels_unless_told_not_to():
     image = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
     mask = jnp.zeros((2, 8, 8, 1)).at[:, :, 4:].set(1.0)
     generator = generation.Generator(model, schedules.discrete_schedule("linear", 1000), samplers.SamplerConfig("ddim", 3),
-                                     generation.LatentDecoder(vae), image_task=ImageTask("inpaint"), jumps=(1, 1))
+                                     generation.LatentDecoder(vae), image_task=ImageTask.from_config(section("image_task", kind="inpaint")), jumps=(1, 1))
     pasted = generator(params, vae_params, jax.random.key(0), jnp.arange(2), jnp.zeros(2, jnp.int32), image=image, mask=mask)
     decoded = dataclasses.replace(generator, paste_known=False)(params, vae_params, jax.random.key(0), jnp.arange(2),
                                                                 jnp.zeros(2, jnp.int32), image=image, mask=mask)

@@ -26,6 +26,7 @@ from ldm_jax.models.dit import DiT
 from ldm_jax.parallel.mesh import make_mesh
 from ldm_jax.training import steps, tasks
 from bundles import train_and_export
+from sections import section
 from subprocesses import ROOT, cpu_env, load_config
 
 TRAIN_STEPS = 500  # ~99 % on 200 samples; 300 steps give ~80 %
@@ -44,7 +45,7 @@ def clip_paths(fixtures_dir):
 @pytest.fixture(scope="module")
 def text_encoder(clip_paths):
     """(TextEncoder, params) of the tiny CLIP at configs/t2i_digits.py's settings."""
-    return text_encoding.text_encoder_from_config({**clip_paths, "max_length": MAX_LENGTH})
+    return text_encoding.text_encoder_from_config(section("text", **clip_paths, max_length=MAX_LENGTH))
 
 
 def _config(clip_paths):

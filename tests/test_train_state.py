@@ -7,11 +7,12 @@ import pytest
 
 from ldm_jax.training import optimizers
 from ldm_jax.training.state import apply_gradients, ema_decay_at, ema_update, init_train_state
+from sections import section
 
 
 def test_apply_gradients_matches_optax_and_ema_formula():
     params = {"w": jnp.arange(4.0), "b": jnp.ones(())}
-    tx = optimizers.make_optimizer({"name": "adamw", "learning_rate": 0.1})
+    tx = optimizers.make_optimizer(section("optimizer", name='adamw', learning_rate=0.1))
     state = init_train_state(params, tx, jax.random.PRNGKey(0))
     grads = {"w": jnp.array([1.0, -2.0, 0.5, 0.0]), "b": jnp.array(3.0)}
     new = apply_gradients(state, grads, tx, ema_decay=jnp.float32(0.9))
@@ -35,11 +36,10 @@ def test_ema_decay_warmup():
 
 
 def test_schedules():
-    warm = optimizers.learning_rate_schedule({"learning_rate": 1.0, "warmup_steps": 4})
+    warm = optimizers.learning_rate_schedule(section("optimizer", learning_rate=1.0, warmup_steps=4))
     assert [float(warm(s)) for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
     cosine = optimizers.learning_rate_schedule(
-        {"learning_rate": 1.0, "schedule": "cosine", "warmup_steps": 2, "total_steps": 12}
-    )
+        section("optimizer", learning_rate=1.0, schedule="cosine", warmup_steps=2, total_steps=12))
     assert float(cosine(2)) == pytest.approx(1.0) and float(cosine(12)) == pytest.approx(0.0)
     assert float(cosine(7)) == pytest.approx(0.5)
 
@@ -54,11 +54,11 @@ def test_schedules():
 )
 def test_bad_optimizer_config(config, message):
     with pytest.raises(ValueError, match=message):
-        optimizers.make_optimizer(config)
+        optimizers.make_optimizer(section("optimizer", **config))
 
 
 def test_gradient_clipping():
-    tx = optimizers.make_optimizer({"name": "sgd", "learning_rate": 1.0, "momentum": 0.0, "grad_clip_norm": 1.0})
+    tx = optimizers.make_optimizer(section("optimizer", name='sgd', learning_rate=1.0, momentum=0.0, grad_clip_norm=1.0))
     params = {"w": jnp.zeros(2)}
     updates, _ = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldm_jax.config import default_config
 from ldm_jax.diffusion import objectives
 from ldm_jax.models.dit import DiT, dit_preset
 from ldm_jax.parallel import partitioning
 from ldm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 from ldm_jax.training import optimizers, steps
 from ldm_jax.training.state import init_sharded_state, init_train_state
+from sections import section
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
             num_classes=10, class_dropout_prob=0.1, learn_sigma=True)
@@ -30,14 +30,14 @@ def _batches(n):
 
 def _run(mesh_sizes, num_steps, devices=None):
     model = DiT(**TINY)
-    tx = optimizers.make_optimizer({"learning_rate": 1e-3, "grad_clip_norm": 1.0})
+    tx = optimizers.make_optimizer(section("optimizer", learning_rate=0.001, grad_clip_norm=1.0))
     mesh = make_mesh(mesh_sizes, devices)
     init = lambda key: model.init(key, jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))["params"]
     state, shardings = init_sharded_state(init, tx, jax.random.PRNGKey(0), mesh)
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=objectives.objective_from_config(default_config().diffusion, learn_sigma=True))
+                                objective=objectives.objective_from_config(section("diffusion"), learn_sigma=True))
     step = jax.jit(
-        functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, learning_rate=optimizers.learning_rate_schedule({"learning_rate": 1e-3}),
+        functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx, learning_rate=optimizers.learning_rate_schedule(section("optimizer", learning_rate=0.001)),
                           ema_decay=0.99),
         in_shardings=(shardings, None, batch_sharding(mesh)),
         out_shardings=(shardings, replicated(mesh)),
@@ -82,7 +82,7 @@ def test_every_layout_matches_one_device(single_device_run, mesh_sizes):
 def test_fsdp_shards_parameters_and_optimizer_state():
     """DiT-B/2 under FSDP over 8: per-device params + optimizer bytes <= total / 8 + 5%."""
     model = dit_preset("DiT-B/2", input_size=32, num_classes=1000)
-    tx = optimizers.make_optimizer({"learning_rate": 1e-4})
+    tx = optimizers.make_optimizer(section("optimizer", learning_rate=0.0001))
 
     def boxed_state():
         params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))["params"]
@@ -118,27 +118,20 @@ def test_gradient_accumulation_equals_full_batch():
 
 
 def test_non_finite_step_leaves_state_untouched():
-    tx = optimizers.make_optimizer({"learning_rate": 0.1})
+    tx = optimizers.make_optimizer(section("optimizer", learning_rate=0.1))
     state = init_train_state({"w": jnp.ones(3)}, tx, jax.random.PRNGKey(0))
 
     def loss_fn(p, frozen, b, key, step):
         return jnp.sum(p["w"] * b["x"]), {}
 
     step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx,
-                                     learning_rate=optimizers.learning_rate_schedule({"learning_rate": 0.1}),
+                                     learning_rate=optimizers.learning_rate_schedule(section("optimizer", learning_rate=0.1)),
                                      ema_decay=0.9))
     good, metrics = step(state, None, {"x": jnp.ones(3)})
     assert float(metrics["finite"]) == 1.0 and int(good.step) == 1
     bad, metrics = step(good, None, {"x": jnp.array([1.0, jnp.nan, 1.0])})
     assert float(metrics["finite"]) == 0.0
     jax.tree_util.tree_map(np.testing.assert_array_equal, bad, good)
-
-
-def _diffusion(**fields):
-    """The default `diffusion` section with `fields` set."""
-    config = default_config().diffusion
-    config.update(fields)
-    return config
 
 
 @pytest.mark.parametrize(
@@ -150,20 +143,20 @@ def _diffusion(**fields):
 )
 def test_bad_objective_config(config, learn_sigma, message):
     with pytest.raises(ValueError, match=message):
-        objectives.objective_from_config(_diffusion(**config), learn_sigma)
+        objectives.objective_from_config(section("diffusion", **config), learn_sigma)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "flow"])
 def test_objectives_train_a_denoiser(prediction):
     """Loss falls for each objective (a tiny DiT fitting a fixed batch)."""
     model = DiT(**dict(TINY, learn_sigma=False, class_dropout_prob=0.0))
-    tx = optimizers.make_optimizer({"learning_rate": 3e-3})
+    tx = optimizers.make_optimizer(section("optimizer", learning_rate=0.003))
     params = model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros(1, jnp.int32))["params"]
     state = init_train_state(partitioning.nn.unbox(params), tx, jax.random.PRNGKey(1))
     loss_fn = functools.partial(steps.diffusion_loss_fn, model=model,
-                                objective=objectives.objective_from_config(_diffusion(prediction=prediction), learn_sigma=False))
+                                objective=objectives.objective_from_config(section("diffusion", prediction=prediction), learn_sigma=False))
     step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx,
-                                     learning_rate=optimizers.learning_rate_schedule({"learning_rate": 3e-3}),
+                                     learning_rate=optimizers.learning_rate_schedule(section("optimizer", learning_rate=0.003)),
                                      ema_decay=0.9))
     batch = {k: jnp.asarray(v[:8]) for k, v in _batches(1)[0].items()}
     batch["latent"] = jnp.tanh(batch["latent"])  # bounded data

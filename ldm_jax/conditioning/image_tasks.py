@@ -63,12 +63,13 @@ def downsample(images: jax.Array, size: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class ImageTask:
     """What the `image_task` config section trains: kind ("inpaint" | "upscale"); for "upscale", the
-    low-res side (pixels), the largest training augmentation level and the default sampling level."""
+    low-res side (pixels), the largest training augmentation level and the default sampling level
+    (their defaults: `ldm_jax/config.py`)."""
 
     kind: str
-    low_res_size: int = 8
-    max_noise_level: int = 350
-    noise_level: int = 20
+    low_res_size: int
+    max_noise_level: int
+    noise_level: int
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -152,7 +152,7 @@ def text_encoder_from_config(config: Mapping[str, Any] | None) -> tuple[TextEnco
             raise FileNotFoundError(f"text.{name}={config[name]}: no such folder")
     module, params = load_clip_text_encoder(config["encoder_path"])
     tokenizer = CLIPTokenizer.from_folder(config["tokenizer_path"])
-    encoder = TextEncoder(module, tokenizer, config.get("max_length", 77), config.get("skip_last_layers", 0))
+    encoder = TextEncoder(module, tokenizer, config["max_length"], config["skip_last_layers"])
     return encoder, params
 
 
@@ -162,8 +162,8 @@ def prompts_from_config(settings: Mapping[str, Any]) -> tuple[list[str], dict[st
     sample.prompts: a list of prompts (the CLI's --prompt); sample.prompts_file: a UTF-8 text file,
     one prompt per line (blank lines skipped), recorded by path and sha256. At most one of the two.
     """
-    inline = [str(p) for p in settings.get("prompts", ()) or ()]
-    path = settings.get("prompts_file", "")
+    inline = [str(p) for p in settings["prompts"] or ()]
+    path = settings["prompts_file"]
     if inline and path:
         raise ValueError("set sample.prompts (--prompt) or sample.prompts_file, not both")
     if not path:

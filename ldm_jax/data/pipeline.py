@@ -206,7 +206,7 @@ def caption_transform(text: Any) -> transforms.TokenizeCaption | None:
     """The caption tokenizer of a `text` config section (None: no text.tokenizer_path)."""
     if not text or not text.get("tokenizer_path"):
         return None
-    return transforms.TokenizeCaption(CLIPTokenizer.from_folder(text["tokenizer_path"]), text.get("max_length", 77))
+    return transforms.TokenizeCaption(CLIPTokenizer.from_folder(text["tokenizer_path"]), text["max_length"])
 
 
 def make_grain_dataset(

@@ -307,7 +307,7 @@ def evaluate_from_config(
     reference stores only statistics, as in ADM's evaluator. Missing files raise FileNotFoundError,
     malformed ones ValueError, each naming the field and the file.
     """
-    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh_lib.initialize_distributed(config.distributed)
     settings = config.evaluate
     samples = _samples_path(config, workdir)
     reference, reference_protocol = _reference_from_config(config)

@@ -159,12 +159,12 @@ class Generator:
         """With the guidance and inpainting fields of a `sample` config section (sample.noise_level,
         when set, replaces the image task's)."""
         trained_inpainting = image_task is not None and image_task.kind == "inpaint"
-        jump_n_sample = config.get("jump_n_sample") or (1 if trained_inpainting else 10)
-        if image_task is not None and image_task.kind == "upscale" and config.get("noise_level") is not None:
-            image_task = dataclasses.replace(image_task, noise_level=config.get("noise_level"))
-        return cls(model, schedule, sampler, decoder, config.get("guidance_scale", 1.0),
-                   config.get("guidance_interval", (0.0, 1.0)), config.get("guided_channels"), image_task,
-                   (config.get("jump_length", 10), jump_n_sample), config.get("paste_known", True))
+        jump_n_sample = config["jump_n_sample"] or (1 if trained_inpainting else 10)  # None: see config.py
+        if image_task is not None and image_task.kind == "upscale" and config["noise_level"] is not None:
+            image_task = dataclasses.replace(image_task, noise_level=config["noise_level"])
+        return cls(model, schedule, sampler, decoder, config["guidance_scale"], config["guidance_interval"],
+                   config["guided_channels"], image_task, (config["jump_length"], jump_n_sample),
+                   config["paste_known"])
 
     @property
     def conditional(self) -> bool:

@@ -77,7 +77,7 @@ def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[s
 
     devices: the devices to sample on (default: all devices of all hosts, `config.mesh` over them).
     """
-    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh_lib.initialize_distributed(config.distributed)
     settings = config.sample
     _check_settings(settings)
     out_dir = os.path.abspath(settings.out_dir or os.path.join(workdir, "samples"))
@@ -128,11 +128,11 @@ def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTas
     prompts, prompts_protocol = text_encoding.prompts_from_config(config.sample)
     if not keys:
         if prompts:
-            name = "sample.prompts_file" if config.sample.get("prompts_file") else "--prompt / sample.prompts"
+            name = "sample.prompts_file" if config.sample.prompts_file else "--prompt / sample.prompts"
             raise ValueError(f"{name}: {where} is not text-conditioned (it takes {sorted(fields) or 'no condition'}); "
                              "sample it without prompts")
         return None, None
-    loaded = text_encoding.text_encoder_from_config(config.get("text"))
+    loaded = text_encoding.text_encoder_from_config(config.text)
     if loaded is None or not prompts:
         raise ValueError(f"{where}: a DiT conditioned on {list(keys)} needs prompts (--prompt, sample.prompts or "
                          "sample.prompts_file) and its text encoder (text.encoder_path, text.tokenizer_path)")
@@ -211,7 +211,7 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
     ({}, None) for plain generation. ValueError naming the field for a task the checkpoint was not
     trained for, or an image / mask of the wrong size."""
     trained = generator.image_task.kind if generator.image_task is not None else ""
-    task = settings.get("task", "") or trained or ("inpaint" if settings.get("mask") else "")
+    task = settings.task or trained or ("inpaint" if settings.mask else "")
     if task not in ("",) + image_tasks.KINDS:
         raise ValueError(f"sample.task={task!r} (--task): allowed values are {image_tasks.KINDS}")
     if task == "upscale" and trained != "upscale":
@@ -220,17 +220,17 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
     if task == "inpaint" and trained == "upscale":
         raise ValueError(f"--task=inpaint (sample.task): {where} was trained to upscale, not to inpaint")
     if not task:
-        if settings.get("image"):
+        if settings.image:
             raise ValueError(f"--image (sample.image): {where} was not trained for an image task; give --mask "
                              "to inpaint the image (training-free, RePaint)")
         return {}, None
-    if not settings.get("image"):
+    if not settings.image:
         raise ValueError(f"{where} {'was trained to' if trained else 'asked to'} {task}: give the image "
                          "(--image, sample.image)" + (" and the mask (--mask, sample.mask)" if task == "inpaint" else ""))
     image = _read_image(settings.image, "sample.image (--image)", "RGB")
     protocol = {"task": task, "image_sha256": _file_sha256(settings.image)}
     if task == "upscale":
-        if settings.get("mask"):
+        if settings.mask:
             raise ValueError("--mask (sample.mask): a mask is for inpainting; this checkpoint upscales")
         size = generator.image_task.low_res_size
         if image.shape[:2] != (size, size):
@@ -238,7 +238,7 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
                              f"checkpoint upscales {size}x{size} images (image_task.low_res_size)")
         protocol["noise_level"] = generator.image_task.noise_level
         return {"image": transforms.to_unit_range(image)}, protocol
-    if not settings.get("mask"):
+    if not settings.mask:
         raise ValueError("inpainting needs the mask (--mask, sample.mask): white = fill, black = keep")
     mask = _read_image(settings.mask, "sample.mask (--mask)", "L")
     if mask.shape != image.shape[:2]:

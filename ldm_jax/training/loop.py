@@ -154,7 +154,7 @@ def _resume(config: Any, workdir: str, state: TrainState, data: Any) -> tuple[ch
 
 def train(config: Any, workdir: str) -> TrainState:
     validate_config(config)
-    mesh_lib.initialize_distributed(config.get("distributed"))
+    mesh_lib.initialize_distributed(config.distributed)
     with _own_workdir(workdir):
         return _train(config, workdir)
 
@@ -169,7 +169,7 @@ def _train(config: Any, workdir: str) -> TrainState:
     learning_rate = optimizers.learning_rate_schedule(config.optimizer)
     state, state_shardings = init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)
     frozen = jax.device_put(task.frozen, mesh_lib.replicated(mesh))
-    data = pipeline.make_pipeline(config.data, batch_sharding, text=config.get("text"))
+    data = pipeline.make_pipeline(config.data, batch_sharding, text=config.text)
 
     try:
         checkpointer, state, start_step = _resume(config, workdir, state, data)

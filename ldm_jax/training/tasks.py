@@ -121,7 +121,7 @@ def _text_setup(
 
 def _image_task_setup(config: Any, model: DiT) -> ImageTask | None:
     """The `image_task` section, checked against the model and the data (ValueError naming the field)."""
-    image_task = ImageTask.from_config(config.get("image_task"))
+    image_task = ImageTask.from_config(config.image_task)
     if image_task is None:
         if model.concat_channels or model.noise_level_conditioning:
             raise ValueError(f"model.concat_channels={model.concat_channels}, noise_level_conditioning="
