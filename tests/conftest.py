@@ -3,13 +3,16 @@
 The flag must be set before jax is imported anywhere in the process.
 """
 import os
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import pathlib  # noqa: E402
+# A persistent compilation cache shared by the test processes and the subprocesses they start (which
+# inherit the environment): the same tiny programs compile once per checkout, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402
 
@@ -25,7 +28,7 @@ def fixtures_dir() -> pathlib.Path:
 # Modules that train a model for minutes: collected first, so that `pytest -n 2 --dist loadfile`
 # hands them out at the start and the short modules fill the other worker meanwhile (the run's wall
 # time is then close to the total work / workers, not the work plus the last long module).
-LONG_MODULES = ("test_inpainting_trained.py", "test_upscaling_trained.py", "test_text_to_image.py")
+LONG_MODULES = ("test_readme_training.py", "test_inpainting_trained.py", "test_upscaling_trained.py", "test_text_to_image.py")
 
 
 def pytest_configure(config):
