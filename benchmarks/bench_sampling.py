@@ -32,7 +32,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  pylint: disable=wrong-import-position
 
-from ldm_jax.diffusion import samplers, schedules  # noqa: E402
+from ldm_jax.diffusion import sampler_plans, samplers, schedules  # noqa: E402
 from ldm_jax.diffusion.guidance import Guidance, classifier_free_guidance  # noqa: E402
 from ldm_jax.models import dit  # noqa: E402
 
@@ -81,7 +81,7 @@ def _measure(name: str, denoise_fn, bare_fn, noise, labels, schedule, guidance=N
     """Times loop and bare calls alternately, in ABBA order (a shared machine's load drifts)."""
     config = _sampler_config(name)
     key = jax.random.key(1)
-    model_t = [jnp.full((noise.shape[0],), t, jnp.float32) for t in samplers.make_plan(schedule, config)["model_t"]]
+    model_t = [jnp.full((noise.shape[0],), t, jnp.float32) for t in sampler_plans.make_plan(schedule, config)["model_t"]]
     run = lambda: samplers.sample(denoise_fn, noise, labels, schedule=schedule, config=config,  # noqa: E731
                                   key=key, guidance=guidance)
     bare = lambda: _bare_calls(bare_fn, noise, labels, model_t)  # noqa: E731

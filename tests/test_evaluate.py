@@ -19,7 +19,7 @@ from ldm_jax.config import default_config
 from ldm_jax.convert.inception import inception_from_pytorch_fid
 from ldm_jax.convert.torch_io import save_safetensors
 from ldm_jax.data import transforms
-from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion import sampler_plans, samplers, schedules
 from ldm_jax.diffusion import objectives
 from ldm_jax.evaluation import fid
 from ldm_jax.evaluation.features import InceptionFeatures
@@ -268,8 +268,8 @@ def test_eval_config_pins_dits_protocol_and_builds():
     # denoiser times and per-step coefficients, to the bit.
     full = schedules.discrete_schedule("linear", 1000)
     spaced = schedules.respace(full, schedules.space_timesteps(1000, "250"))
-    ours = samplers.make_plan(objective.schedule, sampler)
-    adm = samplers.make_plan(spaced, samplers.SamplerConfig("ddpm", 250, variance="learned_range"))
+    ours = sampler_plans.make_plan(objective.schedule, sampler)
+    adm = sampler_plans.make_plan(spaced, samplers.SamplerConfig("ddpm", 250, variance="learned_range"))
     assert ours.keys() == adm.keys() and len(ours["model_t"]) == 250
     for key in ours:
         np.testing.assert_array_equal(ours[key], adm[key], err_msg=key)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion import sampler_plans, samplers, schedules
 from ldm_jax.diffusion.samplers import Inpainting, SamplerConfig
 
 
@@ -58,7 +58,7 @@ def test_matches_diffusers_repaint_every_entry(name):
     schedule = schedules.discrete_schedule("linear", T, beta_start=beta_start, beta_end=beta_end)
     inpaint = Inpainting(jnp.asarray(get("known")), jnp.asarray(get("mask")), int(jump_length), int(jump_n_sample))
     # The grid with jumps is diffusers': its timesteps, forward where they go up.
-    steps, forward = samplers.resampling_steps(N, int(jump_length), int(jump_n_sample))
+    steps, forward = sampler_plans.resampling_steps(N, int(jump_length), int(jump_n_sample))
     timesteps = get("timesteps")
     np.testing.assert_array_equal((N - 1 - steps) * (T // N), timesteps)
     np.testing.assert_array_equal(forward[1:], np.diff(timesteps) > 0)
@@ -185,11 +185,11 @@ def test_per_sample_keys_and_sharding():
 
 
 def test_resampling_steps():
-    steps, forward = samplers.resampling_steps(6, 2, 2)
+    steps, forward = sampler_plans.resampling_steps(6, 2, 2)
     # diffusers' timesteps 5 4 3 2 3 4 3 2 1 0 1 2 1 0 as base steps (0 = noisiest)
     np.testing.assert_array_equal(steps, [0, 1, 2, 3, 2, 1, 2, 3, 4, 5, 4, 3, 4, 5])
     np.testing.assert_array_equal(np.flatnonzero(forward), [4, 5, 10, 11])
-    np.testing.assert_array_equal(samplers.resampling_steps(6, 2, 1)[0], np.arange(6))
+    np.testing.assert_array_equal(sampler_plans.resampling_steps(6, 2, 1)[0], np.arange(6))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ldm_jax.diffusion import samplers, schedules
+from ldm_jax.diffusion import sampler_plans, samplers, schedules
 from ldm_jax.diffusion.guidance import Guidance, classifier_free_guidance
 from ldm_jax.diffusion.samplers import SamplerConfig
 
@@ -74,7 +74,7 @@ def test_matches_diffusers_every_step(diffusers_arrays, name):
         sigmas = get("sigmas")
         x = x / np.sqrt(1 + sigmas[0] ** 2)
         states = states / np.sqrt(1 + sigmas[1:] ** 2).reshape(-1, 1, 1, 1, 1)
-    np.testing.assert_allclose(samplers.make_plan(schedule, config)["model_t"], get("timesteps"), rtol=1e-6)
+    np.testing.assert_allclose(sampler_plans.make_plan(schedule, config)["model_t"], get("timesteps"), rtol=1e-6)
     fn = learned_variance_denoiser if config.variance == "learned_range" else denoiser
     step_noise = jnp.asarray(get("step_noise")) if samplers._is_stochastic(config) else None
     final, trajectory = samplers.sample(fn, jnp.asarray(x), schedule=schedule, config=config,
@@ -393,14 +393,14 @@ def test_guidance_rejects_too_many_channels():
     (lambda s: SamplerConfig(spacing="karras"), "SamplerConfig.spacing"),
     (lambda s: SamplerConfig(variance="learned"), "SamplerConfig.variance"),
     (lambda s: SamplerConfig(num_steps=0), "SamplerConfig.num_steps"),
-    (lambda s: samplers.make_plan(s, SamplerConfig("ddim", 1001)), r"num_steps=1001 must be in \[1, 1000\]"),
-    (lambda s: samplers.make_plan(s, SamplerConfig("heun")), r"sampler \(DiscreteSchedule\)"),
-    (lambda s: samplers.make_plan(schedules.FlowSchedule(), SamplerConfig("ddim")), r"sampler \(FlowSchedule\)"),
-    (lambda s: samplers.make_plan(schedules.FlowSchedule(), SamplerConfig("euler", prediction="epsilon")),
+    (lambda s: sampler_plans.make_plan(s, SamplerConfig("ddim", 1001)), r"num_steps=1001 must be in \[1, 1000\]"),
+    (lambda s: sampler_plans.make_plan(s, SamplerConfig("heun")), r"sampler \(DiscreteSchedule\)"),
+    (lambda s: sampler_plans.make_plan(schedules.FlowSchedule(), SamplerConfig("ddim")), r"sampler \(FlowSchedule\)"),
+    (lambda s: sampler_plans.make_plan(schedules.FlowSchedule(), SamplerConfig("euler", prediction="epsilon")),
      r"prediction \(FlowSchedule\)"),
-    (lambda s: samplers.make_plan(s, SamplerConfig("euler", prediction="velocity")),
+    (lambda s: sampler_plans.make_plan(s, SamplerConfig("euler", prediction="velocity")),
      r"prediction \(DiscreteSchedule\)"),
-    (lambda s: samplers.make_plan("linear", SamplerConfig()), "DiscreteSchedule or FlowSchedule"),
+    (lambda s: sampler_plans.make_plan("linear", SamplerConfig()), "DiscreteSchedule or FlowSchedule"),
     (lambda s: samplers.sample(denoiser, jnp.ones((1, 4)), schedule=s, sampler="ddpm"), "key= or step_noise="),
     (lambda s: samplers.sample(denoiser, jnp.ones((1, 4)), schedule=s, config=SamplerConfig(), sampler="ddpm"),
      "either config= or config fields"),
