@@ -9,7 +9,9 @@ Commands:
   evaluate  FID, sFID, Inception Score, precision/recall of samples against a reference (JSON)
   encode    cache VAE latents of the config's image data (config.vae.path) to --out, resumably;
             train on them with data.source="latents", data.path=<out>
-  convert   PyTorch weights -> a model bundle (--from, --src, --out; --overwrite replaces a bundle there)
+  convert   weights -> a model bundle (--from=FORMAT --src --out), or a bundle -> another format
+            (--to=FORMAT --src --out); every format: convert/registry.py; --overwrite replaces
+            what convert wrote there before
 """
 from __future__ import annotations
 
@@ -21,15 +23,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from ldm_jax.convert.registry import EXPORTERS, IMPORTERS
+
 COMMANDS = ("demo", "train", "sample", "encode", "evaluate", "convert")
-CONVERT_FORMATS = ("vae_diffusers", "dit_diffusers", "dit_official")
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and outputs go.")
-flags.DEFINE_enum("from", None, CONVERT_FORMATS, "convert: the format of --src.")
-flags.DEFINE_string("src", None, "convert: a diffusers model folder or a .pt/.safetensors file.")
-flags.DEFINE_string("out", None, "convert: the model bundle directory; encode: the latent cache directory.")
-flags.DEFINE_bool("overwrite", False, "convert: replace the model bundle already at --out (never other files).")
+flags.DEFINE_enum("from", None, tuple(IMPORTERS), "convert: import --src, in this format, into a model bundle.")
+flags.DEFINE_enum("to", None, tuple(EXPORTERS), "convert: export the model bundle --src into this format.")
+flags.DEFINE_string("src", None, "convert: the weights to import (folder or file), or the bundle to export.")
+flags.DEFINE_string("out", None, "convert: the model bundle (import) or folder (export) to write; encode: the "
+                    "latent cache directory.")
+flags.DEFINE_bool("overwrite", False, "convert: replace the bundle / export already at --out (never other files).")
 flags.DEFINE_integer("shard_size", 1024, "encode: examples per array_record shard.")
 flags.DEFINE_string("model", "DiT-XL/2", "convert (dit_official): the preset of the checkpoint.")
 flags.DEFINE_integer("image_size", 256, "convert (dit_official): the image resolution it was trained at.")
@@ -122,18 +127,23 @@ def encode_command() -> None:
 
 
 def convert_command() -> None:
-    from ldm_jax.convert import dit, vae
     from ldm_jax.models import serialization
 
-    _require("from", "src", "out")
+    source, target = FLAGS["from"].value, FLAGS.to
+    if (source is None) == (target is None):
+        raise app.UsageError("convert: give --from (import weights into a bundle) or --to (export a bundle)")
+    _require("from" if source else "to", "src", "out")
+    if target:
+        exporter = EXPORTERS[target]
+        module, params, _ = serialization.load_model(FLAGS.src)
+        if not isinstance(module, exporter.module):
+            raise ValueError(f"--src={FLAGS.src} holds a {type(module).__name__} bundle; --to={target} exports "
+                             f"{exporter.module.__name__} bundles")
+        exporter.save(module, params, FLAGS.out, FLAGS.overwrite)
+        print(f"wrote {exporter.target} to {FLAGS.out}")
+        return
     out = serialization.check_target(FLAGS.out, FLAGS.overwrite)  # before the (long) conversion
-    source = FLAGS["from"].value
-    if source == "vae_diffusers":
-        module, params = vae.vae_from_diffusers(FLAGS.src)
-    elif source == "dit_diffusers":
-        module, params = dit.dit_from_diffusers(FLAGS.src)
-    else:
-        module, params = dit.dit_from_official(FLAGS.src, model=FLAGS.model, image_size=FLAGS.image_size)
+    module, params = IMPORTERS[source].load(FLAGS.src, {"model": FLAGS.model, "image_size": FLAGS.image_size})
     serialization.save_model(out, module, params, metadata={"source": os.path.abspath(FLAGS.src), "format": source},
                              overwrite=FLAGS.overwrite)
     print(f"wrote {type(module).__name__} bundle to {FLAGS.out}")
