@@ -28,7 +28,7 @@ from ldm_jax.models.discriminator import NLayerDiscriminator  # noqa: E402
 from ldm_jax.models.dit import dit_preset  # noqa: E402
 from ldm_jax.models.vae import SD_VAE_CONFIG, AutoencoderKL  # noqa: E402
 from ldm_jax.parallel import mesh as mesh_lib  # noqa: E402
-from ldm_jax.training import optimizers, tasks, vae_losses  # noqa: E402
+from ldm_jax.training import optimizers, vae_losses  # noqa: E402
 
 TPUS = ["gcloud", "compute", "tpus"]
 VM = TPUS + ["tpu-vm"]
@@ -477,11 +477,11 @@ def test_t2i_config_is_a_text_conditioned_xl2():
 
 def test_vae_config_is_the_sd_f8_architecture():
     config = load_config_module("vae_imagenet256").get_config()
-    vae = tasks._module_from_config(AutoencoderKL, config.model, "model")
+    vae = backbones.module_from_config(AutoencoderKL, config.model, "model")
     assert vae.to_config() == dict(SD_VAE_CONFIG) and vae.downsample_factor == 8
     assert (vae.dtype, vae.remat) == ("bfloat16", True)
     loss = dict(config.vae_loss)
-    discriminator = tasks._module_from_config(NLayerDiscriminator, loss.pop("discriminator"), "vae_loss.discriminator")
+    discriminator = backbones.module_from_config(NLayerDiscriminator, loss.pop("discriminator"), "vae_loss.discriminator")
     for field in ("lpips_vgg_path", "lpips_lins_path"):
         assert loss.pop(field).startswith("weights/")
     recipe = vae_losses.VAELoss(discriminator=discriminator, **loss)

@@ -31,7 +31,7 @@ def test_missing_bundle_and_unknown_class(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model bundle"):
         serialization.load_model(tmp_path)
     with pytest.raises(ValueError, match="'UNet' is not known"):
-        serialization.module_from_config({"class": "UNet", "config": {}})
+        serialization.module_from_spec({"class": "UNet", "config": {}})
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,8 @@ def module_config(module: nn.Module) -> dict[str, Any]:
     return {"class": name, "config": config}
 
 
-def module_from_config(spec: dict[str, Any]) -> nn.Module:
+def module_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A model.json spec {"class", "config"} -> the module."""
     cls = _model_class(spec["class"])
     return cls(**{k: _from_json(v) for k, v in spec["config"].items()})
 
@@ -236,7 +237,7 @@ def load_model(path: str | os.PathLike, sharding: Any = None) -> tuple[nn.Module
     with open(spec_file) as f:
         spec = json.load(f)
     params = read_tree(os.path.join(path, "params"), sharding)
-    return module_from_config(spec), params, spec.get("metadata", {})
+    return module_from_spec(spec), params, spec.get("metadata", {})
 
 
 def read_tree(path: str | os.PathLike, sharding: Any = None) -> Any:
