@@ -34,9 +34,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-# Class name -> "module:attribute"; imported lazily so a bundle only imports the model it holds.
+# The bundle classes besides the denoisers (which `models/backbones.py` registers), by class name ->
+# "module:attribute"; imported lazily so a bundle only imports the model it holds.
 MODEL_CLASSES = {
-    "DiT": "ldm_jax.models.dit:DiT",
     "AutoencoderKL": "ldm_jax.models.vae:AutoencoderKL",
     "CLIPTextEncoder": "ldm_jax.models.clip:CLIPTextEncoder",
 }
@@ -46,8 +46,14 @@ _ORBAX_PARTIAL = "params.orbax-checkpoint-tmp"  # orbax's name for params/ while
 
 
 def _model_class(name: str) -> type[nn.Module]:
+    """A bundle's class by name: a registered backbone or one of MODEL_CLASSES."""
+    from ldm_jax.models.backbones import BACKBONES  # backbones import their models; lazily, as above
+
+    backbones = {backbone.module.__name__: backbone.module for backbone in BACKBONES.values()}
+    if name in backbones:
+        return backbones[name]
     if name not in MODEL_CLASSES:
-        raise ValueError(f"model class {name!r} is not known; allowed: {sorted(MODEL_CLASSES)}")
+        raise ValueError(f"model class {name!r} is not known; allowed: {sorted(MODEL_CLASSES.keys() | backbones.keys())}")
     module_name, attribute = MODEL_CLASSES[name].split(":")
     return getattr(importlib.import_module(module_name), attribute)
 
