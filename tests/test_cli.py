@@ -17,6 +17,8 @@ from ldm_jax.data.transforms import center_crop_arr, to_pil_rgb, to_unit_range
 from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -31,6 +31,7 @@ def test_conditional_accuracy_counts_intended_classes(classifier):
     assert shuffled < 0.3
 
 
+@pytest.mark.slow
 def test_demo_command_trains_both_stages_and_scores_samples(tmp_path):
     tiny = [
         "--config.vae_stage.train.num_steps=4", "--config.vae_stage.train.log_every=2",

@@ -272,6 +272,7 @@ def test_generator_refuses_a_mask_of_another_size():
                   image=jnp.zeros((1, 8, 8, 3)), mask=jnp.zeros((1, 4, 4, 1)))
 
 
+@pytest.mark.slow
 def test_latent_inpainting_pastes_the_known_pixels_unless_told_not_to():
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
     vae_params = random_params(vae, jnp.zeros((1, 8, 8, 3)))

@@ -17,6 +17,8 @@ from ldm_jax.inference import generation
 from ldm_jax.inference.bundles import load_vae
 from subprocesses import load_config, load_config_module
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
+
 VAE_STEPS = 400
 INPAINT_STEPS = 1500  # configs/inpaint_digits.py's; 1,000 steps: 87 %
 

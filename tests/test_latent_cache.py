@@ -314,6 +314,7 @@ print("ok", jax.process_index())
 """
 
 
+@pytest.mark.slow
 def test_two_real_processes_cache_and_read_global_batches(tmp_path, expected):
     run_python_hosts(MULTIHOST_WORKER, tmp_path, timeout=120)
     cached = _read_all(str(tmp_path))

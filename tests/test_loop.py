@@ -4,6 +4,8 @@ import pytest
 from ldm_jax.config import default_config
 from ldm_jax.training import loop
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
+
 
 def _tiny_config(**train):
     train = dict(num_steps=3, log_every=1, checkpoint_every=1, preview_every=0) | train

@@ -3,8 +3,11 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from subprocesses import ROOT, free_address, train_command, cpu_env, run_train, checkpoint_state
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
 
 
 def test_two_hosts_match_one_host(tmp_path):

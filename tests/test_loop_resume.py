@@ -3,7 +3,11 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from subprocesses import ROOT, assert_bitwise_equal, train_command, cpu_env, run_train, checkpoint_state, wait_for
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
 
 
 def test_kill_9_then_resume_is_bit_identical(tmp_path):

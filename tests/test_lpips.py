@@ -53,6 +53,7 @@ def test_split_path_identity_and_symmetry(loaded, io):
     assert np.all(np.abs(same) < 1e-10)  # zero up to the rounding of different batch rows
 
 
+@pytest.mark.slow
 def test_gradient_finite_where_features_vanish(loaded, io):
     module, params = loaded
     dead = {**params, "features_0": {**params["features_0"], "bias": jnp.full((WIDTHS[0],), -1e3)}}

@@ -9,10 +9,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ldm_jax import demo
 from subprocesses import ROOT, cpu_env, load_config
 from test_docs import read_blocks, shell_commands
+
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
 
 # Appended to the block's commands: the VAE and DiT trained for fewer steps than the README's
 # (its own settings' figures are in benchmarks/RESULTS.md), 500 samples instead of 1,000.
@@ -47,7 +50,7 @@ def test_the_training_block_runs_as_typed_and_its_samples_are_digits(tmp_path):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for command in commands:
         result = subprocess.run(_with_fewer_steps(command), cwd=tmp_path, env=cpu_env(), capture_output=True,
-                                text=True, timeout=1800)
+                                text=True, timeout=3600)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
     with np.load(tmp_path / "workdir" / "ldm" / "samples" / "samples.npz") as samples:
         images, labels = samples["arr_0"], samples["arr_1"]

@@ -120,6 +120,7 @@ def _adm_p_sample_loop(x, step_noise, section_counts):
     return x
 
 
+@pytest.mark.slow
 def test_ddpm_respaced_matches_adm_dit_sampling():
     section_counts = "25"  # DiT samples with "250"; same code path, fewer steps
     full = schedules.discrete_schedule("linear")
@@ -269,6 +270,7 @@ def test_batch_sharded_inputs_stay_sharded(config):
     (schedules.discrete_schedule("linear"), SamplerConfig("ddim", 6, eta=1.0)),
     (schedules.FlowSchedule(), SamplerConfig("euler_maruyama", 6)),
 ], ids=lambda v: getattr(v, "sampler", ""))
+@pytest.mark.slow
 def test_per_sample_keys_make_each_sample_independent_of_its_batch(schedule, config):
     keys = jax.random.split(jax.random.key(3), 8)
     noise = jax.random.normal(jax.random.key(4), (8, 2, 2, 4))

@@ -64,6 +64,7 @@ def reference(bundle, tmp_path_factory):
     return out_dir
 
 
+@pytest.mark.slow
 def test_each_sample_is_the_same_alone_at_any_batch_position_and_sharded(bundle):
     _, model, params = bundle
     config = _config("", "")
@@ -114,6 +115,7 @@ def test_readme_states_the_tolerance_these_tests_check():
     assert claim.replace("e-0", "e-") in readme  # 1e-05 -> 1e-5
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_an_identical_npz(bundle, reference, tmp_path):
     out_dir = tmp_path / "killed"
     flags = [f"--config.diffusion.{k}={v}" for k, v in DIFFUSION.items()] + [
@@ -153,6 +155,7 @@ sampling.sample_from_config(config, out_dir)
 """
 
 
+@pytest.mark.slow
 def test_two_hosts_write_the_same_files(bundle, reference, tmp_path):
     run_python_hosts(TWO_HOSTS, tmp_path, bundle[0], num_processes=2, num_devices=4)
     for name in ("samples.npz", "grid.png"):
@@ -250,6 +253,7 @@ def test_image_outside_its_modes_range_is_a_one_line_error_naming_flag_file_and_
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_unconditional_latent_model_through_a_vae(tmp_path):
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                         scaling_factor=0.5, shift_factor=0.1)

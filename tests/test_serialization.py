@@ -12,6 +12,7 @@ from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
 
 
+@pytest.mark.slow
 def test_bundle_round_trip_keeps_module_and_params(tmp_path):
     vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, dtype=jnp.bfloat16,
                         scaling_factor=0.5)
@@ -48,6 +49,7 @@ def _assert_params(path, params):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), loaded, params)
 
 
+@pytest.mark.slow
 def test_a_folder_of_other_files_is_refused_and_kept(tmp_path, monkeypatch, tiny_vae):
     vae, params, _ = tiny_vae
     folder = tmp_path / "folder"

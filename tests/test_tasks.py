@@ -56,6 +56,7 @@ def _train(config, num_steps, eval_metric):
     return before, float(evaluate(state.params)), state, task
 
 
+@pytest.mark.slow
 def test_autoencoder_reconstruction_improves_and_exports(tmp_path):
     before, after, state, task = _train(_vae_config(), 30, "rec_loss")
     assert after < 0.7 * before, (before, after)
@@ -67,6 +68,7 @@ def test_autoencoder_reconstruction_improves_and_exports(tmp_path):
     assert set(params) == set(state.params["autoencoder"])
 
 
+@pytest.mark.slow
 def test_diffusion_loss_falls_and_previews(tmp_path):
     before, after, state, task = _train(_dit_config(), 40, None)
     assert after < 0.8 * before, (before, after)

@@ -263,6 +263,7 @@ def trained(tmp_path_factory, clip_paths):
     return config, path, task.preview(state.ema_params, task.frozen, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_text_conditioned_digits_show_the_digit_of_their_prompt(trained, tmp_path):
     config, path, preview = trained
     assert preview.shape == (10 * 8, 10 * 8, 3)  # row r: prompt r

@@ -61,6 +61,7 @@ def single_device_run():
     [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4}, {"data": 2, "fsdp": 2, "tensor": 2}],
     ids=["data", "fsdp", "tensor", "mix"],
 )
+@pytest.mark.slow
 def test_every_layout_matches_one_device(single_device_run, mesh_sizes):
     reference, ref_state, _ = single_device_run
     losses, state, shardings = _run(mesh_sizes, 20)
@@ -147,6 +148,7 @@ def test_bad_objective_config(config, learn_sigma, message):
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "flow"])
+@pytest.mark.slow
 def test_objectives_train_a_denoiser(prediction):
     """Loss falls for each objective (a tiny DiT fitting a fixed batch)."""
     model = DiT(**dict(TINY, learn_sigma=False, class_dropout_prob=0.0))

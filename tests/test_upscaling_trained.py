@@ -14,6 +14,8 @@ from ldm_jax.data import transforms
 from ldm_jax.inference import generation, sampling
 from subprocesses import load_config
 
+pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
+
 UPSCALE_STEPS = 800  # 28.9 dB after 1,000 steps (bicubic: 26.8 dB)
 NUM_HELD_OUT = 128
 

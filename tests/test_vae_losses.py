@@ -287,6 +287,7 @@ def setup():
                 x=x, x_rec=x_rec)
 
 
+@pytest.mark.slow
 def test_gradients_match_double_autodiff(setup):
     (loss, (state, metrics)), grads = setup["compiled"]["ours"](*setup["args"])
     (ref_loss, (ref_state, ref_d)), ref_grads = setup["compiled"]["naive"](*setup["args"])
