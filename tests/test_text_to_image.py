@@ -285,6 +285,7 @@ def test_text_conditioned_digits_show_the_digit_of_their_prompt(trained, tmp_pat
     assert len(protocol["prompts_sha256"]) == 64 and "prompts" not in protocol
 
 
+@pytest.mark.slow
 def test_sample_command_takes_prompts_and_truncates_long_ones(trained, tmp_path, clip_paths, text_encoder):
     _, path, _ = trained
     encoder, text_params = text_encoder
