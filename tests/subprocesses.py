@@ -41,7 +41,11 @@ def train_command(workdir, *overrides):
 
 
 def cpu_env(num_devices=8, **extra):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu")
+    """The test session's environment (conftest.py: its XLA flags, compilation cache) with
+    `num_devices` simulated CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
     env.update(extra)
     return env
 
