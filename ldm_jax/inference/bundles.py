@@ -27,8 +27,7 @@ def require_bundle(path: str, field: str) -> None:
 
 def check_backbone(module: Any, path: str, field: str) -> None:
     """ValueError unless `module` is a denoiser backbone (`models.backbones.BACKBONES`)."""
-    kinds = {backbone.module: kind for kind, backbone in BACKBONES.items()}
-    if type(module) not in kinds:
+    if type(module) not in {backbone.module for backbone in BACKBONES.values()}:
         raise ValueError(f"{field}={path} holds a {type(module).__name__} bundle; sampling needs a denoiser "
                          f"({', '.join(b.module.__name__ for b in BACKBONES.values())})")
 
@@ -72,4 +71,3 @@ def trained_diffusion(config: Any, trained: dict | None, where: str) -> Any:
                          + "; the config says " + ", ".join(f"{given[k]!r}" for k in differing)
                          + " (leave them at the trained values)")
     return ml_collections.ConfigDict(trained)
-
