@@ -5,11 +5,8 @@ The flag must be set before jax is imported anywhere in the process.
 import os
 import pathlib
 
-# On a loaded 2-core machine the 8 simulated devices of one program can reach a collective more than
-# XLA's default 40 s apart, which aborts the process: the tests allow 15 minutes.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by the test processes and the subprocesses they start (which

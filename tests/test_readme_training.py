@@ -1,7 +1,7 @@
 """The README's "Training" block, run as a user types it (fewer steps), then scored.
 
-Each command of the block runs as a subprocess in a fresh directory (configs/ linked), with only
-step counts appended; the last one, a plain `ldm-jax sample`, takes every setting the DiT was trained
+Each command of the block runs as a subprocess in a fresh directory (configs/ linked), on one CPU
+device as a user's machine runs it, with only step counts appended; the last one, a plain `ldm-jax sample`, takes every setting the DiT was trained
 with from its bundle. The samples must be recognised by the digits classifier >= 90 % of the time
 with a Frechet distance to held-out digits within 2x that of as many real training digits.
 """
@@ -50,7 +50,7 @@ def test_the_training_block_runs_as_typed_and_its_samples_are_digits(tmp_path):
     assert not any(arg.startswith("--config.sample") for arg in commands[-1]), "sample must be plain"
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for command in commands:
-        result = subprocess.run(_with_fewer_steps(command), cwd=tmp_path, env=cpu_env(), capture_output=True,
+        result = subprocess.run(_with_fewer_steps(command), cwd=tmp_path, env=cpu_env(1), capture_output=True,
                                 text=True, timeout=3600)
         assert result.returncode == 0, f"{' '.join(command)}:\n{result.stderr[-3000:]}"
     with np.load(tmp_path / "workdir" / "ldm" / "samples" / "samples.npz") as samples:
