@@ -157,3 +157,7 @@ def test_export_writes_a_folder_the_importer_reads_back(tmp_path, fixtures_dir):
     jax.tree.map(np.testing.assert_array_equal, round_trip, params)
     error = _one_line_error(_cli("convert", "--to=vae_diffusers", f"--src={bundle}", f"--out={exported}"))
     assert "exists" in error  # never replaced without --overwrite
+    (exported / "notes.txt").write_text("mine")
+    error = _one_line_error(_cli("convert", "--to=vae_diffusers", f"--src={bundle}", f"--out={exported}",
+                                 "--overwrite"))
+    assert "notes.txt" in error and (exported / "notes.txt").read_text() == "mine"  # never deleted

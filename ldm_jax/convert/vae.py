@@ -289,7 +289,13 @@ def vae_to_diffusers(
     """
     path = pathlib.Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if path.exists():
+        others = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+        others = [name for name in others if name not in (CONFIG_NAME, WEIGHTS_NAMES[0])]
+        if others:
+            raise FileExistsError(f"{path} holds files an export did not write ({', '.join(others[:5])}); "
+                                  "it is not replaced: choose another folder")
     state_dict = state_dict_from_params(module, params)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
