@@ -372,10 +372,12 @@ def test_guidance_interval():
     (dict(interval=(0.2, 1.5)), "Guidance.interval"),
     (dict(interval=(0.8, 0.2)), "Guidance.interval"),
     (dict(guided_channels=0), "Guidance.guided_channels"),
+    (dict(scale=float("nan")), "sample.guidance_scale"),
+    (dict(scale=float("inf")), "sample.guidance_scale"),
 ])
 def test_guidance_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Guidance(2.0, null_cond=0, **kwargs)
+        Guidance(**{"scale": 2.0, "null_cond": 0, **kwargs})
 
 
 def test_guidance_rejects_too_many_channels():

@@ -35,6 +35,12 @@ def test_ema_decay_warmup():
     np.testing.assert_allclose(tree["a"], 0.25)
 
 
+@pytest.mark.parametrize("decay", [2.0, -0.1, float("nan")])
+def test_ema_decay_out_of_range_is_refused(decay):
+    with pytest.raises(ValueError, match=r"ema.decay=.*must be in \[0, 1\]"):
+        ema_decay_at(jnp.int32(0), decay, warmup=False)
+
+
 def test_schedules():
     warm = optimizers.learning_rate_schedule(section("optimizer", learning_rate=1.0, warmup_steps=4))
     assert [float(warm(s)) for s in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]
@@ -50,6 +56,12 @@ def test_schedules():
         ({"name": "lion", "learning_rate": 1.0}, "optimizer.name='lion'"),
         ({"learning_rate": 1.0, "schedule": "step"}, "optimizer.schedule='step'"),
         ({"learning_rate": 1.0, "schedule": "cosine", "total_steps": 0}, "optimizer.total_steps"),
+        ({"learning_rate": -1.0}, r"optimizer.learning_rate=-1.0: must be a finite number > 0"),
+        ({"learning_rate": 0.0}, "optimizer.learning_rate=0.0"),
+        ({"learning_rate": float("nan")}, "optimizer.learning_rate=nan"),
+        ({"learning_rate": 1.0, "b2": 1.0}, r"optimizer.b2=1.0: must be a finite number in \[0.0, 1.0\)"),
+        ({"learning_rate": 1.0, "weight_decay": -0.1}, "optimizer.weight_decay"),
+        ({"learning_rate": 1.0, "grad_clip_norm": float("inf")}, "optimizer.grad_clip_norm"),
     ],
 )
 def test_bad_optimizer_config(config, message):

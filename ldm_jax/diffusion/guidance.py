@@ -7,6 +7,7 @@ stays sharded the same way with no data movement.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -39,6 +40,8 @@ class Guidance:
     guided_channels: int | None = None
 
     def __post_init__(self):
+        if not math.isfinite(self.scale):
+            raise ValueError(f"guidance scale {self.scale} (sample.guidance_scale) must be a finite number")
         lo, hi = self.interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(

@@ -7,6 +7,7 @@ the EMA and the step counter advance once per real update. DiT's recipe: adamw, 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import optax
@@ -37,11 +38,30 @@ def learning_rate_schedule(config: Mapping[str, Any]) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.0)
 
 
+# field: (lowest, highest, whether the lowest is allowed); every value must also be finite.
+_RANGES = {
+    "learning_rate": (0.0, math.inf, False), "weight_decay": (0.0, math.inf, True),
+    "b1": (0.0, 1.0, True), "b2": (0.0, 1.0, True), "eps": (0.0, math.inf, True),
+    "momentum": (0.0, 1.0, True), "warmup_steps": (0, math.inf, True), "grad_clip_norm": (0.0, math.inf, True),
+}
+
+
+def check_hyperparameters(config: Mapping[str, Any]) -> None:
+    """ValueError naming the first field out of its range (`optimizer.learning_rate=-1: ...`)."""
+    for field, (low, high, low_allowed) in _RANGES.items():
+        value = float(config[field])
+        in_range = (value >= low if low_allowed else value > low) and value < high
+        if not (math.isfinite(value) and in_range):
+            bound = f"in [{low}, {high})" if math.isfinite(high) else f"{'>=' if low_allowed else '>'} {low}"
+            raise ValueError(f"optimizer.{field}={config[field]!r}: must be a finite number {bound}")
+
+
 def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
     """The full update: optional global-norm clipping, then the optimizer with its schedule."""
     name = config["name"]
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r}: allowed values are {OPTIMIZERS}")
+    check_hyperparameters(config)
     schedule = learning_rate_schedule(config)
     if name == "sgd":
         core = optax.sgd(schedule, momentum=config["momentum"])

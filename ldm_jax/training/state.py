@@ -67,6 +67,8 @@ def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
     With `warmup`, min(decay, (1 + step) / (10 + step)) so that early averages are not dominated by
     the random initialisation; otherwise the constant `decay` (DiT: 0.9999, no warm-up).
     """
+    if not 0.0 <= float(decay) <= 1.0:  # also refuses nan
+        raise ValueError(f"ema.decay={decay!r}: must be in [0, 1] (DiT: 0.9999)")
     decay = jnp.asarray(decay, jnp.float32)
     if not warmup:
         return decay
