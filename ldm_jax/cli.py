@@ -55,14 +55,15 @@ def _require(*names: str) -> None:
 
 
 def train_command() -> None:
+    from ldm_jax import storage
     from ldm_jax.training import loop
 
     _require("config", "workdir")
     loop.train(FLAGS.config, FLAGS.workdir)
-    previews = os.path.join(FLAGS.workdir, "previews")
-    print(f"checkpoints and logs: {FLAGS.workdir}; exported model: {os.path.join(FLAGS.workdir, 'model')}")
-    if os.path.isdir(previews):
-        print(f"sample grids: {previews}/{sorted(os.listdir(previews))[-1]}")
+    previews = storage.path(FLAGS.workdir) / "previews"
+    print(f"checkpoints and logs: {FLAGS.workdir}; exported model: {storage.join(FLAGS.workdir, 'model')}")
+    if previews.is_dir():
+        print(f"sample grids: {previews}/{sorted(p.name for p in previews.iterdir())[-1]}")
 
 
 def demo_command() -> None:
@@ -127,6 +128,7 @@ def encode_command() -> None:
 
 
 def convert_command() -> None:
+    from ldm_jax import storage
     from ldm_jax.models import serialization
 
     source, target = FLAGS["from"].value, FLAGS.to
@@ -144,8 +146,8 @@ def convert_command() -> None:
         return
     out = serialization.check_target(FLAGS.out, FLAGS.overwrite)  # before the (long) conversion
     module, params = IMPORTERS[source].load(FLAGS.src, {"model": FLAGS.model, "image_size": FLAGS.image_size})
-    serialization.save_model(out, module, params, metadata={"source": os.path.abspath(FLAGS.src), "format": source},
-                             overwrite=FLAGS.overwrite)
+    metadata = {"source": os.fspath(storage.path(FLAGS.src)), "format": source}  # a gs:// URI stays one
+    serialization.save_model(out, module, params, metadata=metadata, overwrite=FLAGS.overwrite)
     print(f"wrote {type(module).__name__} bundle to {FLAGS.out}")
 
 
@@ -166,7 +168,7 @@ def main(argv: list[str]) -> None:
     command = argv[1]
     try:
         globals()[f"{command}_command"]()
-    except (ValueError, OSError) as error:  # a user's input: one line naming it (LDM_JAX_TRACEBACK=1: all)
+    except (ValueError, OSError, FloatingPointError) as error:  # bad input, NaN training: one line (LDM_JAX_TRACEBACK=1: all)
         if os.environ.get("LDM_JAX_TRACEBACK"):
             raise
         sys.exit(f"ldm-jax {command}: error: {type(error).__name__}: {error}".splitlines()[0])

@@ -91,6 +91,11 @@ def default_config() -> ml_collections.ConfigDict:
             # A workdir holds one run: a restart whose config changes the state or the maths, or whose
             # checkpoints are all unreadable, is refused; True moves the old checkpoints aside instead.
             force_new=False,
+            # training/nonfinite.py: a step whose loss, gradients or update are NaN/inf is not applied, then
+            # "stop" (the run, naming the step) | "skip" (go on) | "rollback" (to the newest checkpoint, the
+            # data going on past the bad batches).
+            nonfinite="stop",
+            nonfinite_max=5,  # "skip": bad steps in a row, "rollback": rollbacks in a row, before it stops
             preview_every=10_000,  # sample a grid into the logs (0 = never)
             profile_steps=0,  # clu profile of n steps (0 = off)
             peak_tflops_per_device=0.0,  # for the MFU estimate (0 = not reported)

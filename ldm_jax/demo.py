@@ -12,7 +12,7 @@
      the samples to the held-out digits (in their native 8x8 grey levels) is shown beside that of
      the real training digits, so diversity lost to guidance shows too.
 A stage whose exported model exists is not trained again, so a rerun resumes at the first
-unfinished stage (and an interrupted stage resumes from its checkpoint).
+unfinished stage (and an interrupted stage resumes from its checkpoint). `workdir` may be a gs:// URI.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline, transforms
 from ldm_jax.evaluation import metrics
 from ldm_jax.inference import sampling
@@ -45,7 +46,7 @@ def _validate(config: Any) -> None:
 def _train_stage(config: Any, workdir: str) -> str:
     """Trains `config` in `workdir` unless its model is exported already; -> the model bundle path."""
     model = os.path.join(workdir, "model")
-    if os.path.isfile(os.path.join(model, "model.json")):
+    if storage.path(model).joinpath("model.json").is_file():
         logging.info("%s exists: stage already trained", model)
     else:
         loop.train(config, workdir)
@@ -127,11 +128,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     dit_workdir = os.path.join(workdir, "dit")
     _train_stage(dit_config, dit_workdir)
     outputs = sampling.sample_from_config(dit_config, dit_workdir)
-    with np.load(outputs["samples"]) as samples:
+    with storage.path(outputs["samples"]).open("rb") as f, np.load(f) as samples:
         images, labels = samples["arr_0"], samples["arr_1"]
     summary = {"grid": outputs["grid"], "samples": outputs["samples"], **score_samples(images, labels, dit_config.data)}
-    with open(os.path.join(workdir, "demo.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    storage.write_atomic(os.path.join(workdir, "demo.json"), json.dumps(summary, indent=2).encode())
     print(f"sample grid (row r = digit r): {summary['grid']}")
     print(f"a digits classifier recognises the intended digit in {summary['conditional_accuracy']:.1%} of "
           f"{len(labels)} samples (its accuracy on held-out real digits: {summary['classifier_held_out_accuracy']:.1%}); "

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.models import serialization
 
 NORMS = ("vae", "channel", "scale")
@@ -68,7 +69,7 @@ def training_record(data: Mapping[str, Any], vae_path: str, vae: Mapping[str, An
     shift, scale = normalisation(data, vae, cache)
     identity = dict(vae or cached_vae or {})
     if vae is not None:
-        identity["path"] = os.path.abspath(vae_path)
+        identity["path"] = os.fspath(storage.path(vae_path))  # absolute; a gs:// URI stays one
     return {"space": "latents", "norm": data["latent_norm"], "shift": shift, "scale": scale, "vae": identity}
 
 

@@ -39,3 +39,15 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: the order within stays
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator (`tests/gcs.py`) for this test process, its clients pointed at it; `gcs.env`
+    goes to the subprocesses a test starts, `gcs.uri(...)` names objects in its bucket."""
+    from gcs import gcs_emulator
+
+    emulator = gcs_emulator()
+    emulator.install()
+    yield emulator
+    emulator.stop()

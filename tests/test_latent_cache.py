@@ -181,7 +181,7 @@ def test_interrupted_run_resumes_skipping_finished_shards(tmp_path, digits, shar
     with pytest.raises(ValueError, match="incomplete"):
         sources.LatentSource(str(tmp_path))
     # A run killed while writing shard 2 leaves its temporary file.
-    (tmp_path / "latents-00002-of-00005.array_record.tmp").write_bytes(b"half a shard")
+    (tmp_path / ".latents-00002-of-00005.array_record.tmp").write_bytes(b"half a shard")
     finished = sources.latent_shard_path(str(tmp_path), 0, 5)
     mtime = os.stat(finished).st_mtime_ns
     # A finished-looking shard that is truncated must be rewritten as well.

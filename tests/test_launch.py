@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # launch/ is not an installed package; it runs fr
     sys.path.insert(0, str(ROOT))
 
 from launch import capacity, multinode, tpu_vm  # noqa: E402
+from ldm_jax import storage  # noqa: E402
 from ldm_jax.data import pipeline  # noqa: E402
 from ldm_jax.diffusion import objectives  # noqa: E402
 from ldm_jax.models import backbones  # noqa: E402
@@ -167,6 +168,32 @@ def test_run_spot_dry_run():
         VM + ["ssh", "t", *where, "--worker=0", "--command=test -e /mnt/runs/dit/model/model.json"],
         QR + ["delete", "t", *where, "--force", "--quiet"],
     ]
+
+
+def test_run_with_a_gcs_workdir(gcs, tmp_path):
+    """A gs:// workdir needs no mount: training gets the URI, and the finished check (run for real
+    here, against the GCS emulator, by a stand-in for the workers' venv python) reads the bucket
+    through the project's storage layer."""
+    workdir = gcs.uri("launch", "dit")
+    commands = dry_run("run", "--name=t", "--zone=z", "--accelerator=v4-8", "--config=c.py", f"--workdir={workdir}")
+    assert [c for c in commands if "ldm-jax train" in c[-1]][0][-1].endswith(f"--config=c.py --workdir={workdir} 2>&1 | tee -a {LOG}")
+    finished = tpu_vm.finished_script(tpu_vm.TrainJob("c.py", workdir))
+    assert VM + ["ssh", "t", "--zone=z", "--worker=0", f"--command={finished}"] in commands
+    python = tmp_path / "ldm_jax_venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+
+    def check():
+        return subprocess.run(["bash", "-c", finished], cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path)),
+                              capture_output=True, text=True, timeout=120)
+
+    before = check()
+    assert before.returncode == 1 and "Traceback" not in before.stderr, before.stderr[-2000:]
+    storage.path(f"{workdir}/model/model.json").write_text("{}")
+    after = check()
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert not (tmp_path / "gs:").exists() and not (ROOT / "gs:").exists()
 
 
 def test_remote_scripts_run_under_bash(tmp_path):

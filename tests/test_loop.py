@@ -2,7 +2,7 @@
 import pytest
 
 from ldm_jax.config import default_config
-from ldm_jax.training import loop
+from ldm_jax.training import loop, nonfinite
 
 pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this module out
 
@@ -20,7 +20,7 @@ def _tiny_config(**train):
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     config = _tiny_config()
     config.optimizer.update(name="sgd", learning_rate=1e30)
-    with pytest.raises(loop.NonFiniteLossError, match=r"at step \d") as error:
+    with pytest.raises(nonfinite.NonFiniteLossError, match=r"at step \d") as error:
         loop.train(config, str(tmp_path))
     assert "Latest good checkpoint" in str(error.value)
 
@@ -50,7 +50,7 @@ def _saved_steps(workdir):
 def test_a_huge_learning_rate_never_reaches_a_checkpoint(tmp_path):
     config = _tiny_config()
     config.optimizer.update(learning_rate=1e39)  # AdamW: finite loss and gradients, non-finite parameters
-    with pytest.raises(loop.NonFiniteLossError, match=r"at step 1 .*No checkpoint was saved before it"):
+    with pytest.raises(nonfinite.NonFiniteLossError, match=r"at step 1 .*No checkpoint was saved before it"):
         loop.train(config, str(tmp_path))
     assert _saved_steps(tmp_path) == []
 

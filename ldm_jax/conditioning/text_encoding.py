@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.convert.clip import clip_text_from_hf
 from ldm_jax.data.tokenizer import CLIPTokenizer
 from ldm_jax.models import serialization
@@ -129,7 +130,7 @@ def _encode(encoder: TextEncoder, params, input_ids, attention_mask):
 def load_clip_text_encoder(path: str) -> tuple[CLIPTextEncoder, Any]:
     """A `CLIPTextEncoder` model bundle (model.json) or a transformers `CLIPTextModel` folder ->
     (module, params)."""
-    if os.path.isfile(os.path.join(path, "model.json")):
+    if storage.path(path).joinpath("model.json").is_file():
         module, params, _ = serialization.load_model(path)
         if not isinstance(module, CLIPTextEncoder):
             raise ValueError(f"text.encoder_path={path} holds a {type(module).__name__} bundle, not a "
@@ -148,7 +149,7 @@ def text_encoder_from_config(config: Mapping[str, Any] | None) -> tuple[TextEnco
         raise ValueError(f"{' and '.join(missing)} must be set too: text conditioning needs both the "
                          "text encoder and its tokenizer")
     for name in names:
-        if not os.path.isdir(config[name]):
+        if not storage.path(config[name]).is_dir():
             raise FileNotFoundError(f"text.{name}={config[name]}: no such folder")
     module, params = load_clip_text_encoder(config["encoder_path"])
     tokenizer = CLIPTokenizer.from_folder(config["tokenizer_path"])
@@ -168,13 +169,12 @@ def prompts_from_config(settings: Mapping[str, Any]) -> tuple[list[str], dict[st
         raise ValueError("set sample.prompts (--prompt) or sample.prompts_file, not both")
     if not path:
         return inline, {"prompts": inline}
-    with open(path, "rb") as f:
-        content = f.read()
+    content = storage.path(path).read_bytes()
     prompts = [line.strip() for line in content.decode("utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"sample.prompts_file={path} holds no prompt (one per line)")
-    return prompts, {"prompts_file": os.path.abspath(path), "prompts_sha256": hashlib.sha256(content).hexdigest(),
-                     "num_prompts": len(prompts)}
+    return prompts, {"prompts_file": os.fspath(storage.path(path)),  # absolute; a gs:// URI stays one
+                     "prompts_sha256": hashlib.sha256(content).hexdigest(), "num_prompts": len(prompts)}
 
 
 class PromptConditions:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax import storage
 from ldm_jax.convert.torch_io import check_state_dict, load_state_dict
 from ldm_jax.models.clip import CLIPTextEncoder
 
@@ -134,7 +134,7 @@ def clip_text_from_hf(
       `text_encoder/`.
     module_kwargs: non-architecture fields, e.g. `dtype=jnp.bfloat16`.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"CLIP text encoder folder not found: {path}")
     if not (path / CONFIG_NAME).is_file():

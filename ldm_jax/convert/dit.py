@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Callable, Mapping
 
+from etils import epath
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.convert.torch_io import check_state_dict, load_state_dict
 from ldm_jax.models.dit import DiT, dit_preset
 from ldm_jax.models.layers import sincos_pos_embed_2d
@@ -288,8 +289,8 @@ def _official_from_diffusers(state_dict: Mapping[str, np.ndarray], depth: int, s
     return official
 
 
-def _diffusers_folder(path: str | os.PathLike) -> pathlib.Path:
-    folder = pathlib.Path(path)
+def _diffusers_folder(path: str | os.PathLike) -> epath.Path:
+    folder = storage.path(path)
     if (
         not (folder / "config.json").is_file()
         and (folder / "transformer" / "config.json").is_file()

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.convert.torch_io import check_state_dict, load_state_dict
 from ldm_jax.models.lpips import VGG16_WIDTHS, LPIPS, vgg16_conv_indices
 
@@ -104,7 +105,7 @@ def load_lpips_or_none(config: Mapping[str, Any], dtype: Any = jnp.float32) -> t
         path = config.get(field) or ""
         if not path:
             problems.append(f"config field {field} is not set")
-        elif not os.path.isfile(path):
+        elif not storage.path(path).is_file():
             problems.append(f"{field}={os.fspath(path)!r}: file not found")
     if problems:
         logging.warning(

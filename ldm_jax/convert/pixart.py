@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from typing import Any, Mapping
 
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax import storage
 from ldm_jax.convert.dit import _Entry, _linear, diffusers_channels
 from ldm_jax.convert.torch_io import check_state_dict, load_state_dict
 from ldm_jax.models.dit import DiT
@@ -190,7 +190,7 @@ def dit_from_diffusers_pixart(path: str | os.PathLike, **overrides: Any) -> tupl
 
     overrides: further DiT fields (dtype, remat, ...).
     """
-    folder = pathlib.Path(path)
+    folder = storage.path(path)
     if not (folder / "config.json").is_file() and (folder / "transformer").is_dir():
         folder = folder / "transformer"  # a pipeline folder
     config_path = folder / "config.json"

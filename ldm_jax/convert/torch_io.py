@@ -35,6 +35,8 @@ from typing import Any, Mapping, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from ldm_jax import storage as storage_lib
+
 
 class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The checkpoint's pickle references a global outside the tensor allow-list."""
@@ -100,14 +102,21 @@ def _is_index(value: Any) -> bool:
 # ----------------------------------------------------------------------------- safetensors
 
 
+def _size(f) -> int:
+    """The size of the open binary file `f` (left at its start)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    return size
+
+
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a `.safetensors` file into `{name: array}` (copies, in the stored dtype).
+    """Reads a `.safetensors` file (local or gs://) into `{name: array}` (copies, in the stored dtype).
 
     A malformed header, or offsets outside the file, raise one `ValueError` naming the file.
     """
     try:
-        with open(path, "rb") as f:
-            header = _read_safetensors_header(f, os.fstat(f.fileno()).st_size)
+        with storage_lib.path(path).open("rb") as f:
+            header = _read_safetensors_header(f, _size(f))
             data = f.read()
         return {
             name: _safetensors_tensor(name, info, data)
@@ -170,7 +179,7 @@ def save_safetensors(
     path: str | os.PathLike,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Writes `{name: array}` as `.safetensors` (atomically: temp file, then rename)."""
+    """Writes `{name: array}` as `.safetensors` (atomically: `storage_lib.staged_file`; local or gs://)."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -189,13 +198,11 @@ def save_safetensors(
         offset += len(raw)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # 8-byte alignment, as the reference does
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
+    with storage_lib.staged_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for raw in buffers:
             f.write(raw)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- torch zip
@@ -386,20 +393,22 @@ def _check_pickle(data: bytes, name: str) -> None:
 
 
 def load_torch_checkpoint(path: str | os.PathLike) -> Any:
-    """Loads a `torch.save` zip checkpoint as nested dicts of numpy arrays, without torch.
+    """Loads a `torch.save` zip checkpoint (local or gs://) as nested dicts of numpy arrays, without torch.
 
     Raises `UnsafeCheckpointError` if the pickle needs anything but tensors and containers, and
     `ValueError` if the file is malformed (both name the file).
     """
     source = os.fspath(path)
     try:
-        if not zipfile.is_zipfile(source):
-            raise ValueError(
-                "not a zip-format torch checkpoint (files from torch < 1.6 are not supported; "
-                "re-save with a current torch or convert to safetensors)"
-            )
-        with zipfile.ZipFile(source) as archive:
-            return _load_archive(archive, os.path.getsize(source))
+        with storage_lib.path(source).open("rb") as f:
+            size = _size(f)
+            if not zipfile.is_zipfile(f):
+                raise ValueError(
+                    "not a zip-format torch checkpoint (files from torch < 1.6 are not supported; "
+                    "re-save with a current torch or convert to safetensors)"
+                )
+            with zipfile.ZipFile(f) as archive:
+                return _load_archive(archive, size)
     except UnsafeCheckpointError as error:
         raise UnsafeCheckpointError(f"{source}: {_one_line(error)}") from None
     except _MALFORMED_ERRORS as error:
@@ -409,9 +418,10 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
 
 
 def load_state_dict(path: str | os.PathLike) -> Any:
-    """Loads weights from `.safetensors` or a torch zip checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`)."""
+    """Loads weights from `.safetensors` or a torch zip checkpoint (`.pt`, `.pth`, `.bin`, `.ckpt`),
+    local or gs://."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage_lib.path(path).is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
         return load_safetensors(path)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax import storage
 from ldm_jax.convert.torch_io import check_state_dict, load_state_dict, save_safetensors
 from ldm_jax.models.vae import AutoencoderKL
 
@@ -248,7 +249,7 @@ def vae_from_diffusers(
       dict (e.g. `ldm_jax.models.vae.SD_VAE_CONFIG`) or an `AutoencoderKL`.
     module_kwargs: non-architecture module fields, e.g. `dtype=jnp.bfloat16`, `remat=True`.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if path.is_dir():
         candidates = [path / name for name in WEIGHTS_NAMES if (path / name).is_file()]
         if not candidates:
@@ -283,11 +284,12 @@ def vae_to_diffusers(
 ) -> None:
     """Writes a diffusers `AutoencoderKL` folder: config.json + diffusion_pytorch_model.safetensors.
 
-    The folder is assembled under a temporary name beside `path` and renamed into place, so an
-    interrupted write never leaves a complete-looking folder. An existing `path` raises
-    FileExistsError unless `overwrite`.
+    A local folder is assembled under a temporary name beside `path` and renamed into place; a gs://
+    one gets its weights first and config.json (which importers need) last, after an overwritten
+    export's config.json is removed: an interrupted write never leaves a complete-looking folder. An
+    existing `path` raises FileExistsError unless `overwrite`.
     """
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     if path.exists():
@@ -297,12 +299,16 @@ def vae_to_diffusers(
             raise FileExistsError(f"{path} holds files an export did not write ({', '.join(others[:5])}); "
                                   "it is not replaced: choose another folder")
     state_dict = state_dict_from_params(module, params)
+    config = json.dumps(diffusers_config(module), indent=2, sort_keys=True) + "\n"
+    if storage.is_remote(path):
+        (path / CONFIG_NAME).unlink(missing_ok=True)
+        save_safetensors(state_dict, path / WEIGHTS_NAMES[0], metadata={"format": "pt"})
+        storage.write_atomic(path / CONFIG_NAME, config.encode())
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        (tmp / CONFIG_NAME).write_text(
-            json.dumps(diffusers_config(module), indent=2, sort_keys=True) + "\n"
-        )
+        (tmp / CONFIG_NAME).write_text(config)
         save_safetensors(state_dict, tmp / WEIGHTS_NAMES[0], metadata={"format": "pt"})
         tmp.chmod(0o755)
         if path.exists():

@@ -4,7 +4,8 @@ The cache stores each example's posterior mean AND std (not one sampled z): trai
 fresh z = mean + std * eps every epoch, as LDM does when it encodes on the fly, and the mode
 (z = mean) stays available (`data.latent_sample=False`). With `flip=True` it also stores the
 posterior of the mirrored image, so the flip augmentation survives caching (the reader picks one
-of the two at random). Per-channel sums are kept per shard for "channel" normalisation. The file
+of the two at random). Per-channel sums are kept per shard for "channel" normalisation, beside the
+shard's sha256 and size, which the reader checks (`sources.LatentSource`). The file
 format and the reader are in `sources.py` (`LatentSource`).
 
 Given a text encoder (`text_encoding.text_encoder_from_config(config.text)`), each caption's
@@ -14,8 +15,14 @@ runs the text encoder, and its caption dropout uses the same encoder's empty cap
 
 Resumable and multi-host: shard k holds examples [k * shard_size, (k + 1) * shard_size) and is
 written by process k % process_count, first under a temporary name, renamed when complete. A rerun
-skips finished shards and rewrites unfinished ones (a killed run leaves only a `.tmp` file; a run
+skips finished shards and rewrites unfinished ones (a killed run leaves only a hidden `.<shard>.tmp` file; a run
 that fails removes its `.tmp` files). A full disk is reported as one OSError(ENOSPC) naming the cache.
+
+The cache may be a `gs://` folder: array_record writes only local files, so each file is written
+to a local temporary file and uploaded when complete (`storage.staged_file`), a shard's sums first
+and the shard itself last. One object upload is atomic, so a shard's object is its commit marker: a
+reader (`sources.LatentSource`, which checks every shard) never takes a half-written cache for a
+complete one, and a killed run leaves nothing in the bucket for a rerun to trip on.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
@@ -81,7 +89,7 @@ def _write_empty_caption(out_dir: str, text: tuple[Any, Any], dtype: str) -> Non
     """The empty caption's text conditions (in the stored dtype, as the cached ones) -> EMPTY_CAPTION."""
     encoder, params = text
     null = {k: _stored(v, dtype) for k, v in encoder.null_condition(params).items()}
-    with _written_atomically(os.path.join(out_dir, sources.EMPTY_CAPTION)) as tmp, open(tmp, "wb") as f:
+    with storage.staged_file(os.path.join(out_dir, sources.EMPTY_CAPTION)) as tmp, open(tmp, "wb") as f:
         np.savez(f, **null)
 
 
@@ -110,25 +118,8 @@ def _image_batches(
     return iter(dataset.to_iter_dataset(read_options).batch(batch))
 
 
-@contextlib.contextmanager
-def _written_atomically(path: str) -> Iterator[str]:
-    """Yields the temporary name to write `path` under; renames it to `path` after the block, or
-    removes it when the block fails."""
-    try:
-        yield path + ".tmp"
-        os.replace(path + ".tmp", path)
-    except BaseException:
-        _remove_if_exists(path + ".tmp")
-        raise
-
-
-def _remove_if_exists(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
-
-
 def _write_json_atomic(path: str, content: Any) -> None:
-    with _written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with storage.staged_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
 
 
@@ -139,7 +130,7 @@ def _check_or_write_meta(
 
     `write_first()` runs just before a new meta.json is written (files the meta vouches for)."""
     path = os.path.join(out_dir, sources.LATENT_META)
-    if os.path.isfile(path):
+    if storage.path(path).is_file():
         old = sources.read_latent_meta(out_dir)
         changed = sorted(k for k in meta if k != "source" and old.get(k) != meta[k])
         if changed:
@@ -155,13 +146,16 @@ def _check_or_write_meta(
 
 
 class _ShardWriter:
-    """Writes one shard under a temporary name, with its per-channel sums; `finish` renames it."""
+    """Writes one shard under a temporary name, with its per-channel sums and its bytes' sha256 and
+    size (`storage.digest`, which readers check); `finish` renames it (uploads it, for a gs:// cache)."""
 
     def __init__(self, path: str):
         self.path = path
-        if os.path.exists(path + ".tmp") or os.path.exists(path):
+        if storage.staging_path(storage.path(path)).exists() or storage.path(path).exists():
             logging.warning("Rewriting unfinished shard %s (left by an interrupted run)", path)
-        self._writer = array_record_module.ArrayRecordWriter(path + ".tmp", "group_size:1")
+        self._staging = storage.staged_file(path)
+        self._local = self._staging.__enter__()
+        self._writer = array_record_module.ArrayRecordWriter(self._local, "group_size:1")
         self.count = 0
         self._sums: dict[str, np.ndarray] = {}
 
@@ -181,14 +175,16 @@ class _ShardWriter:
 
     def finish(self) -> None:
         self._writer.close()
-        _write_json_atomic(self.path + ".json", {k: np.asarray(v).tolist() for k, v in self._sums.items()})
-        os.replace(self.path + ".tmp", self.path)
+        sums = {k: np.asarray(v).tolist() for k, v in self._sums.items()}
+        _write_json_atomic(self.path + ".json", sums | storage.digest(self._local))
+        self._staging.__exit__(None, None, None)
 
-    def abort(self) -> None:
-        """Removes the unfinished shard (closing a writer whose write failed raises that error again)."""
+    def abort(self, error: BaseException) -> None:
+        """Removes the unfinished shard after `error` (closing a writer whose write failed raises that
+        error again)."""
         with contextlib.suppress(RuntimeError):
             self._writer.close()
-        _remove_if_exists(self.path + ".tmp")
+        self._staging.__exit__(type(error), error, error.__traceback__)
 
 
 @contextlib.contextmanager
@@ -196,9 +192,9 @@ def _aborting_on_failure(writers: dict[int, _ShardWriter]) -> Iterator[None]:
     """Aborts the shards still open in `writers` when the block fails: a failed run leaves no `.tmp`."""
     try:
         yield
-    except BaseException:
+    except BaseException as error:
         for writer in writers.values():
-            writer.abort()
+            writer.abort(error)
         raise
 
 
@@ -303,7 +299,7 @@ def cache_latents(
     }
     write_first = None if text is None else functools.partial(_write_empty_caption, out_dir, text, dtype)
     with serialization.reporting_disk_full(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
+        storage.path(out_dir).mkdir(parents=True, exist_ok=True)
         _check_or_write_meta(out_dir, meta, process_index, write_first)
 
     paths = [sources.latent_shard_path(out_dir, k, len(sizes)) for k in range(len(sizes))]

@@ -14,8 +14,12 @@ the digits ship inside scikit-learn's wheel.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import io
 import json
 import os
+import threading
+import warnings
 from typing import Any
 
 from absl import logging
@@ -25,6 +29,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data import transforms
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -68,23 +73,62 @@ class DigitsSource:
 
 
 def _image_files(folder: str, recursive: bool) -> list[str]:
-    """Sorted paths of image files (by extension, hidden files skipped) in `folder`."""
-    found = []
-    for root, dirs, files in os.walk(folder):
+    """Sorted paths of image files (by extension, hidden files skipped) in `folder` (local or gs://),
+    in `os.walk` order: a folder's files, then each sub-folder's, by name."""
+    found, top = [], None
+    for root, dirs, files in storage.path(folder).walk():
+        # epath's gs:// walk names roots without their scheme: place them relative to the first (the top)
+        top = os.fspath(root) if top is None else top
+        where = os.path.relpath(os.fspath(root), top)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         found += [
-            os.path.join(root, f)
+            storage.join(folder, where, f)
             for f in sorted(files)
             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
         ]
     return found
 
 
+def _entries(folder: str) -> tuple[list[str], list[str]]:
+    """The sorted names of the visible (not ".hidden") sub-folders and files directly in `folder`."""
+    _, dirs, files = next(iter(storage.path(folder).walk()), (None, [], []))
+    return sorted(d for d in dirs if not d.startswith(".")), sorted(f for f in files if not f.startswith("."))
+
+
+# `warnings.catch_warnings` changes process-wide state: one thread at a time opens an image under it.
+_BOMB_CHECK = threading.Lock()
+
+
+def _open_image(path: str) -> Image.Image:
+    """The image file at `path`, opened by PIL (a gs:// one from its bytes, named `path` in errors as
+    PIL names a local file). An image of more than PIL's `Image.MAX_IMAGE_PIXELS` (a possible
+    decompression bomb, which PIL refuses from twice that and below only warns about) raises
+    `DecompressionBombWarning` / `DecompressionBombError` before any pixel is decoded."""
+    source = io.BytesIO(storage.path(path).read_bytes()) if storage.is_remote(path) else path
+    with _BOMB_CHECK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    if storage.is_remote(path):
+        image.filename = path
+    return image
+
+
+def read_image(path: str, mode: str = "RGB") -> Image.Image:
+    """The image file at `path` (local or gs://) as a loaded 8-bit PIL image of `mode`
+    (`transforms.to_8bit`); a file that cannot be read, or a decompression bomb (`_open_image`), is
+    a ValueError naming it."""
+    try:
+        with _open_image(path) as image:
+            return transforms.to_8bit(image, mode)
+    except Exception as err:  # pylint: disable=broad-except  (PIL raises many kinds)
+        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
 def _decode_error(path: str) -> str | None:
     """None when the file decodes completely (JPEGs at reduced scale, which is fast) and converts to
     8-bit RGB (`transforms.to_8bit`), else why not."""
     try:
-        with Image.open(path) as image:
+        with _open_image(path) as image:
             image.draft("RGB", (1, 1))
             transforms.to_8bit(image)
     except Exception as err:  # pylint: disable=broad-except  (PIL raises many kinds)
@@ -96,7 +140,7 @@ def _class_folder_files(path: str, class_dirs: list[str]) -> tuple[list[str], li
     """Image paths under each class folder and their labels (the class's index in `class_dirs`)."""
     files, labels, empty = [], [], []
     for label, name in enumerate(class_dirs):
-        class_files = _image_files(os.path.join(path, name), recursive=True)
+        class_files = _image_files(storage.join(path, name), recursive=True)
         empty += [] if class_files else [name]
         files += class_files
         labels += [label] * len(class_files)
@@ -105,11 +149,17 @@ def _class_folder_files(path: str, class_dirs: list[str]) -> tuple[list[str], li
     return files, labels
 
 
+def _caption_file(image_file: str) -> str:
+    """The caption file beside an image: `cat.jpg` -> `cat.txt`."""
+    return os.path.splitext(image_file)[0] + ".txt"
+
+
 def _caption_folder_files(path: str, files: list[str]) -> tuple[list[str], None]:
     """Checks that a flat folder has images, each with a caption .txt beside it."""
     if not files:
         raise ValueError(f"data.path={path!r} holds no images (extensions {IMAGE_EXTENSIONS})")
-    missing = [f for f in files if not os.path.isfile(os.path.splitext(f)[0] + ".txt")]
+    names = set(_entries(path)[1])  # one listing, not a request per image on gs://
+    missing = [f for f in files if os.path.basename(_caption_file(f)) not in names]
     if missing:
         raise ValueError(
             f"data.path={path!r}: {len(missing)} image(s) have no caption .txt beside them, "
@@ -141,8 +191,9 @@ def _drop_unreadable(
 
 
 class ImageFolderSource:
-    """Images in a folder, read with PIL when indexed (inside grain workers), as 8-bit RGB PIL images
-    (`transforms.to_8bit`: 16-bit and float images scaled by their range, out-of-range ones refused).
+    """Images in a folder (local or gs://), read with PIL when indexed (inside grain workers), as
+    8-bit RGB PIL images (`transforms.to_8bit`: 16-bit and float images scaled by their range,
+    out-of-range ones refused).
 
     Two layouts, told apart by what `path` holds:
       * class sub-folders `path/<class>/**/<image>`: label = index of the class name among the
@@ -156,9 +207,9 @@ class ImageFolderSource:
     """
 
     def __init__(self, path: str, *, check_images: bool = True, strict: bool = False, num_threads: int = 8):
-        if not os.path.isdir(path):
+        if not storage.path(path).is_dir():
             raise ValueError(f"data.path={path!r} is not an existing folder")
-        class_dirs = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+        class_dirs = _entries(path)[0]
         top_images = _image_files(path, recursive=False)
         if class_dirs and top_images:
             raise ValueError(
@@ -182,14 +233,9 @@ class ImageFolderSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                element: dict[str, Any] = {"image": transforms.to_8bit(image)}
-        except Exception as err:  # pylint: disable=broad-except
-            raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+        element: dict[str, Any] = {"image": read_image(path)}
         if self._labels is None:
-            with open(os.path.splitext(path)[0] + ".txt", encoding="utf-8") as f:
-                element["caption"] = f.read().strip()
+            element["caption"] = storage.path(_caption_file(path)).read_text(encoding="utf-8").strip()
         else:
             element["label"] = self._labels[index]
         return element
@@ -315,10 +361,18 @@ class LabelCaptions:
 #                                                    caption's context / context_mask / pooled
 #
 # A shard counts only when its file holds the expected number of records and its sums file
-# exists; writers produce both under temporary names and rename them when complete.
+# exists; writers produce both under temporary names and rename them when complete (upload them,
+# sums first, in a gs:// cache). The sums file also records the shard's sha256 and size
+# (`storage.digest`). Opening a cache whose shards total at most VERIFY_ON_OPEN_BYTES hashes every
+# shard; a bigger one is not hashed on open (that would read the whole cache on every host at every
+# start): array_record (riegeli) checks each chunk's own hash as a record is read, so a damaged
+# record still stops training, naming its shard. Either way, no record is trained on unverified.
 # ---------------------------------------------------------------------------------------------
 LATENT_META = "meta.json"
 EMPTY_CAPTION = "empty_caption.npz"
+VERIFY_ON_OPEN_BYTES = 1 << 30
+_SHARD_SUMS = ("count", "sum_mean", "sum_mean_sq", "sum_var")  # a shard's sums file: these, "sha256", "bytes"
+_DAMAGED_SHARD = "delete it and its .json, then run the caching (`ldm-jax encode`) again to rewrite it"
 
 
 def latent_shard_path(cache_dir: str, shard: int, num_shards: int) -> str:
@@ -333,7 +387,7 @@ def latent_shard_sizes(num_examples: int, shard_size: int) -> list[int]:
 
 def latent_shard_complete(path: str, num_records: int) -> bool:
     """True when `path` is a finished shard: readable, `num_records` records, sums file beside it."""
-    if not (os.path.isfile(path) and os.path.isfile(path + ".json")):
+    if not (storage.path(path).is_file() and storage.path(path + ".json").is_file()):
         return False
     try:
         reader = array_record_module.ArrayRecordReader(path)
@@ -350,13 +404,44 @@ def encode_latent_record(record: dict[str, Any]) -> bytes:
     return serialization.msgpack_serialize(record)
 
 
+def verify_latent_shards(paths: list[str], limit: int = VERIFY_ON_OPEN_BYTES) -> None:
+    """Checks each shard's bytes against the sha256 and size in its sums file when they total at most
+    `limit` bytes (the block comment above); a one-line ValueError naming the first damaged shard.
+    Shards without a sums file are left to the completeness check; a cache made before digests were
+    recorded gets a warning."""
+    recorded = {}
+    for path in paths:
+        if storage.path(path + ".json").is_file():
+            recorded[path] = json.loads(storage.path(path + ".json").read_text(encoding="utf-8"))
+    if any("sha256" not in sums for sums in recorded.values()):
+        logging.warning("latent cache %s records no shard checksums (made before ldm_jax recorded them): its "
+                        "shards are not verified; encode it again to add them", os.path.dirname(paths[0]))
+    expected = {path: sums for path, sums in recorded.items() if "sha256" in sums}
+    total = sum(sums["bytes"] for sums in expected.values())
+    if total > limit:
+        logging.info("latent cache: %d shards, %.1f GiB: not hashed on open (more than %.1f GiB); array_record "
+                     "checks each record's chunk hash as it is read", len(paths), total / 2**30, limit / 2**30)
+        return
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda path: _shard_problem(path, expected[path]["sha256"], expected[path]["bytes"]),
+                                 expected))
+    for path, problem in zip(expected, problems):
+        if problem:
+            raise ValueError(f"{path}: {problem}; {_DAMAGED_SHARD}")
+
+
+@functools.lru_cache(maxsize=None)
+def _shard_problem(path: str, sha256: str, size: int) -> str | None:
+    """`storage.digest_mismatch` of a shard, hashed once per process (training opens a cache three times)."""
+    return storage.digest_mismatch(path, {"sha256": sha256, "bytes": size})
+
+
 def read_latent_meta(cache_dir: str) -> dict[str, Any]:
     """The cache's meta.json as a dict; ValueError when `cache_dir` holds no latent cache."""
     meta_path = os.path.join(cache_dir, LATENT_META)
-    if not os.path.isfile(meta_path):
+    if not storage.path(meta_path).is_file():
         raise ValueError(f"data.path={cache_dir!r} holds no latent cache (no {LATENT_META})")
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(storage.path(meta_path).read_text(encoding="utf-8"))
 
 
 class LatentSource:
@@ -366,13 +451,16 @@ class LatentSource:
     (present when cached with `flip=True`) its mirror. `meta` is the cache's meta.json;
     `class_names` the label names saved with the cache (None for captioned data). A cache made
     with a text encoder (`meta["text"]`) also holds each caption's "context" [L, D], "context_mask"
-    [L] and "pooled" [D], and the empty caption's (`empty_caption()`).
+    [L] and "pooled" [D], and the empty caption's (`empty_caption()`). Opening it verifies the shards
+    (`verify_latent_shards`, up to `verify_limit` bytes); a record that cannot be read is a one-line
+    ValueError naming its shard.
     """
 
-    def __init__(self, cache_dir: str):
+    def __init__(self, cache_dir: str, verify_limit: int = VERIFY_ON_OPEN_BYTES):
         self.meta = read_latent_meta(cache_dir)
         sizes = latent_shard_sizes(self.meta["num_examples"], self.meta["shard_size"])
         self._paths = [latent_shard_path(cache_dir, k, len(sizes)) for k in range(len(sizes))]
+        verify_latent_shards(self._paths, verify_limit)  # first: a damaged shard is named as such, not as unfinished
         missing = [p for p, n in zip(self._paths, sizes) if not latent_shard_complete(p, n)]
         if missing:
             raise ValueError(
@@ -387,14 +475,19 @@ class LatentSource:
         return len(self._records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return serialization.msgpack_restore(self._records[index])
+        try:
+            return serialization.msgpack_restore(self._records[index])
+        except RuntimeError as error:  # array_record's (riegeli's) hashes: a damaged chunk
+            shard = self._paths[index // self.meta["shard_size"]]
+            reason = str(error).splitlines()[0].split(";")[0]
+            raise ValueError(f"{shard}: record {index} is damaged ({reason}); {_DAMAGED_SHARD}") from error
 
     def empty_caption(self) -> dict[str, np.ndarray]:
         """The empty caption's cached text conditions (no batch axis); ValueError without text."""
         if not self.meta.get("text"):
             raise ValueError(f"latent cache {self.cache_dir!r} holds no text embeddings (it was made without "
                              "text.encoder_path)")
-        with np.load(os.path.join(self.cache_dir, EMPTY_CAPTION)) as data:
+        with storage.path(os.path.join(self.cache_dir, EMPTY_CAPTION)).open("rb") as f, np.load(f) as data:
             return {key: data[key] for key in data.files}
 
     def channel_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -404,8 +497,8 @@ class LatentSource:
         """
         totals = None
         for path in self._paths:
-            with open(path + ".json", encoding="utf-8") as f:
-                sums = {k: np.asarray(v, np.float64) for k, v in json.load(f).items()}
+            sums = json.loads(storage.path(path + ".json").read_text(encoding="utf-8"))
+            sums = {k: np.asarray(sums[k], np.float64) for k in _SHARD_SUMS}
             totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
         count = totals["count"]
         mean = totals["sum_mean"] / count

@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 import re
 import unicodedata
 from typing import Any, Mapping, Sequence
 
+from etils import epath
 import numpy as np
+
+from ldm_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def split_words(text: str, literals: bool = True) -> list[str]:
     return words
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: epath.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -153,7 +155,7 @@ class CLIPTokenizer:
         """Reads a tokenizer folder (a Stable Diffusion repo's `tokenizer/`): vocab.json,
         merges.txt, and when present tokenizer_config.json / special_tokens_map.json for the
         special tokens (e.g. SD 2.x's pad token "!")."""
-        path = pathlib.Path(path)
+        path = storage.path(path)
         for name in (VOCAB_NAME, MERGES_NAME):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path}: no {name} (a CLIP tokenizer folder needs both "

@@ -7,7 +7,7 @@ Images are uint8 [N, H, W, 3] (as ADM's sample / reference batches store them), 
 on the device and handed to `InceptionV3`, which resizes them to 299 and maps them to [-1, 1]
 (pytorch-fid's pipeline). Every batch is padded to `batch_size` (one compile) and split over all
 devices of the mesh; outputs come back replicated, so every process gets all features (each
-process reads all images).
+process reads all images). Every reader takes a local path or a `gs://` URI (`storage`).
 """
 from __future__ import annotations
 
@@ -18,18 +18,20 @@ import functools
 import os
 import time
 import zipfile
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from absl import logging
+from etils import epath
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
-from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.data import transforms
-from ldm_jax.data.sources import IMAGE_EXTENSIONS
+from ldm_jax.data.sources import IMAGE_EXTENSIONS, read_image
 from ldm_jax.models.inception import InceptionV3
 
 OUTPUTS = ("pool", "spatial", "logits_unbiased")
@@ -143,10 +145,24 @@ def _array_names(archive: zipfile.ZipFile) -> list[str]:
     return sorted(n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy"))
 
 
+# What reading a damaged `.npz` raises: not a zip (truncated, or another kind of file), a corrupt entry.
+_DAMAGED_NPZ = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+@contextlib.contextmanager
+def reading_npz(path: str) -> Iterator[None]:
+    """Re-raises what reading the damaged `.npz` at `path` raises (`_DAMAGED_NPZ`) as one ValueError naming it."""
+    try:
+        yield
+    except _DAMAGED_NPZ as error:
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error}); is it truncated, "
+                         "or another kind of file?") from error
+
+
 @contextlib.contextmanager
 def _npz_member(path: str, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
     """(open stream positioned at the data, shape, dtype) of array `key` in the `.npz` at `path`."""
-    with zipfile.ZipFile(path) as archive:
+    with reading_npz(path), storage.path(path).open("rb") as file, zipfile.ZipFile(file) as archive:
         if f"{key}.npy" not in archive.namelist():
             raise ValueError(f"{path}: no array {key!r} (arrays: {_array_names(archive)})")
         with archive.open(f"{key}.npy") as f:
@@ -181,20 +197,21 @@ def npz_image_batches(path: str, batch_size: int, key: str = "arr_0") -> Iterato
 
 def image_files(folder: str) -> list[str]:
     """Image files (by extension) below `folder`, recursively, sorted by path; hidden ones skipped."""
-    if not os.path.isdir(folder):
+    if not storage.path(folder).is_dir():
         raise ValueError(f"{folder!r} is not an existing folder")
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [os.path.join(root, n) for n in sorted(names) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [os.path.join(folder, name) for name in image_names(storage.path(folder))]
     if not files:
         raise ValueError(f"{folder!r} holds no images (extensions {IMAGE_EXTENSIONS})")
     return files
 
 
-def _read_rgb(path: str) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(transforms.to_8bit(image, "RGB"))  # 16-bit / float files by their range
+def image_names(folder: epath.Path) -> list[str]:
+    """Paths relative to `folder` (an epath) of the image files below it: its own files, then each
+    subfolder's, by name; hidden files and folders skipped."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+    folders = [p for p in entries if p.is_dir()]
+    names = [p.name for p in entries if p not in folders and p.name.lower().endswith(IMAGE_EXTENSIONS)]
+    return names + [f"{sub.name}/{name}" for sub in folders for name in image_names(sub)]
 
 
 def _threaded_batches(
@@ -233,9 +250,10 @@ def npz_images(path: str, key: str = "arr_0") -> ImageSet:
 
 
 def folder_images(folder: str, num_threads: int = 8) -> ImageSet:
-    """The image files below `folder` (see `image_files`), all of one size."""
+    """The image files below `folder` (see `image_files`), all of one size; a file that cannot be read
+    (or a decompression bomb) stops the reading with a ValueError naming it (`sources.read_image`)."""
     files = image_files(folder)
-    batches = functools.partial(_threaded_batches, lambda i: _read_rgb(files[i]), files.__getitem__, len(files),
+    batches = functools.partial(_threaded_batches, lambda i: np.asarray(read_image(files[i])), files.__getitem__, len(files),
                                 num_threads=num_threads)
     return ImageSet(folder, len(files), batches)
 
@@ -254,14 +272,14 @@ def source_images(source: Sequence[dict[str, Any]], image_size: int, name: str, 
 
 def open_images(path: str) -> ImageSet:
     """The images of a sample `.npz` (`arr_0`) or of a folder of image files."""
-    if os.path.isdir(path):
+    if storage.path(path).is_dir():
         return folder_images(path)
-    if path.endswith(".npz") and os.path.isfile(path):
+    if path.endswith(".npz") and storage.path(path).is_file():
         return npz_images(path)
     raise ValueError(f"{path!r} is neither a folder of images nor an existing .npz file")
 
 
 def npz_keys(path: str) -> list[str]:
     """Names of the arrays in an `.npz` (without loading them)."""
-    with zipfile.ZipFile(path) as archive:
+    with reading_npz(path), storage.path(path).open("rb") as file, zipfile.ZipFile(file) as archive:
         return _array_names(archive)

@@ -17,6 +17,9 @@ ADM computed its stored statistics with TF's graph, which resizes inside the gra
 bilinear kernel and normalises as (x - 128) / 128; pytorch-fid's preprocessing, which
 `InceptionV3` follows, differs slightly, so numbers against stored statistics carry the same small
 offset as pytorch-fid's numbers.
+
+Every file and folder (samples, references, the Inception weights, evaluation.json) may be a local
+path or a `gs://` URI (`storage`).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 import scipy
 
 import ldm_jax
+from ldm_jax import storage
 from ldm_jax.convert.inception import inception_params_from_state_dict
 from ldm_jax.convert.torch_io import load_state_dict
 from ldm_jax.data import pipeline
@@ -42,10 +46,11 @@ from ldm_jax.evaluation.features import (
     ImageSet,
     InceptionFeatures,
     folder_images,
-    image_files,
+    image_names,
     npz_images,
     npz_keys,
     open_images,
+    reading_npz,
     source_images,
 )
 from ldm_jax.models.inception import IMAGE_SIZE, InceptionV3
@@ -85,7 +90,7 @@ def load_reference_statistics(path: str, pool_dim: int, spatial_dim: int) -> dic
     if missing:
         raise ValueError(f"{path}: reference statistics {present} are stored but {missing} are missing")
     stats = {}
-    with np.load(path) as data:
+    with reading_npz(path), storage.path(path).open("rb") as file, np.load(file) as data:
         for key, shape in _expected_shapes(pool_dim, spatial_dim).items():
             value = data[key]
             if value.shape != shape or value.dtype.kind != "f":
@@ -108,9 +113,9 @@ def open_reference(reference: str | ImageSet, pool_dim: int, spatial_dim: int) -
     `ImageSet`; everything but the image pixels is checked now."""
     if isinstance(reference, ImageSet):
         return Reference(reference.name, None, reference)
-    if os.path.isdir(reference):
+    if storage.path(reference).is_dir():
         return Reference(reference, None, folder_images(reference))
-    if not (reference.endswith(".npz") and os.path.isfile(reference)):
+    if not (reference.endswith(".npz") and storage.path(reference).is_file()):
         raise ValueError(f"reference={reference!r} must be an existing ADM reference batch .npz or a folder of images")
     stats = load_reference_statistics(reference, pool_dim, spatial_dim)
     images = npz_images(reference, IMAGES_KEY) if IMAGES_KEY in npz_keys(reference) else None
@@ -186,7 +191,7 @@ def load_inception(path: str, *, image_size: int = IMAGE_SIZE) -> tuple[Inceptio
     if not path:
         raise ValueError("evaluate.inception_path is empty: set it to pytorch-fid's FID Inception weights "
                          "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)")
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"evaluate.inception_path={path!r}: no such file")
     state = load_state_dict(path)
     fc = state.get("fc.weight") if isinstance(state, dict) else None
@@ -196,14 +201,14 @@ def load_inception(path: str, *, image_size: int = IMAGE_SIZE) -> tuple[Inceptio
     num_classes, width = np.shape(fc)
     module = InceptionV3(width_divisor=FULL_POOL_WIDTH // width, num_classes=num_classes, image_size=image_size)
     params = inception_params_from_state_dict(state, module, f"FID Inception weights {path}")
-    about = {"path": os.path.abspath(path), "sha256": file_sha256(path), "width_divisor": module.width_divisor,
-             "num_classes": num_classes, "image_size": image_size}
+    about = {"path": os.fspath(storage.path(path)), "sha256": file_sha256(path),
+             "width_divisor": module.width_divisor, "num_classes": num_classes, "image_size": image_size}
     return module, params, about
 
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -212,28 +217,28 @@ def file_sha256(path: str) -> str:
 def folder_sha256(folder: str) -> str:
     """sha256 over the image files below `folder` (their relative paths and contents, sorted)."""
     digest = hashlib.sha256()
-    for path in image_files(folder):
-        digest.update(f"{os.path.relpath(path, folder)}:{file_sha256(path)};".encode())
+    for name in image_names(storage.path(folder)):
+        digest.update(f"{name}:{file_sha256(storage.join(folder, name))};".encode())
     return digest.hexdigest()
 
 
 def _fingerprint(path: str) -> dict[str, str]:
-    sha = folder_sha256(path) if os.path.isdir(path) else file_sha256(path)
-    return {"path": os.path.abspath(path), "sha256": sha}
+    sha = folder_sha256(path) if storage.path(path).is_dir() else file_sha256(path)
+    return {"path": os.fspath(storage.path(path)), "sha256": sha}
 
 
 def _samples_path(config: Any, workdir: str) -> str:
     """evaluate.samples, or what `ldm-jax sample` writes: `<sample.out_dir or workdir/samples>/samples.npz`."""
     path = config.evaluate.samples
     if not path:
-        out_dir = config.sample.out_dir or os.path.join(workdir, "samples")
-        path = os.path.join(out_dir, sample_files.SAMPLES_FILE)
-        if not os.path.isfile(path):
+        out_dir = config.sample.out_dir or storage.join(workdir, "samples")
+        path = storage.join(out_dir, sample_files.SAMPLES_FILE)
+        if not storage.path(path).is_file():
             raise FileNotFoundError(f"evaluate.samples is unset and {path} does not exist: run `ldm-jax sample` "
                                     "with sample.num_samples > 0, or set evaluate.samples")
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         raise FileNotFoundError(f"evaluate.samples={path!r}: no such file or folder")
-    if not (os.path.isdir(path) or path.endswith(".npz")):
+    if not (storage.path(path).is_dir() or path.endswith(".npz")):
         raise ValueError(f"evaluate.samples={path!r} must be a samples .npz (arr_0) or a folder of images")
     return path
 
@@ -241,12 +246,11 @@ def _samples_path(config: Any, workdir: str) -> str:
 def _sampling_protocol(samples: str) -> tuple[str | None, Any]:
     """(path, content) of the `protocol.json` `ldm-jax sample` wrote beside a samples .npz (or in a
     samples folder); (None, None) when there is none."""
-    folder = samples if os.path.isdir(samples) else os.path.dirname(os.path.abspath(samples))
-    path = os.path.join(folder, sample_files.PROTOCOL_FILE)
-    if not os.path.isfile(path):
+    folder = storage.path(samples) if storage.path(samples).is_dir() else storage.path(samples).parent
+    path = folder / sample_files.PROTOCOL_FILE
+    if not path.is_file():
         return None, None
-    with open(path) as f:
-        return path, json.load(f)
+    return os.fspath(path), json.loads(path.read_text())
 
 
 def _reference_from_config(config: Any) -> tuple[str | ImageSet, dict[str, Any]]:
@@ -266,20 +270,13 @@ def _reference_from_config(config: Any) -> tuple[str | ImageSet, dict[str, Any]]
         fields = ("source", "name", "data_dir", "path", "split", "image_size")
         return (source_images(source, data.image_size, name, data.num_threads),
                 {"data": {f: data[f] for f in fields}, "num_images": len(source)})
-    if not os.path.exists(reference):
+    if not storage.path(reference).exists():
         raise FileNotFoundError(f"evaluate.reference={reference!r}: no such file or folder")
-    if not (os.path.isdir(reference) or reference.endswith(".npz")):
+    if not (storage.path(reference).is_dir() or reference.endswith(".npz")):
         raise ValueError(f"evaluate.reference={reference!r} must be an ADM reference batch .npz, a folder of "
                          f"images, or {DATA_REFERENCE!r}")
-    stored = not os.path.isdir(reference) and bool(set(STAT_KEYS) & set(npz_keys(reference)))
+    stored = not storage.path(reference).is_dir() and bool(set(STAT_KEYS) & set(npz_keys(reference)))
     return reference, {"statistics": "stored" if stored else "computed from its images"}
-
-
-def _write_json(path: str, value: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
 
 
 def evaluate_from_config(
@@ -319,7 +316,7 @@ def evaluate_from_config(
     extractor = InceptionFeatures(module, params, batch_size=settings.batch_size, mesh=mesh)
     results = evaluate(samples, reference, extractor, num_splits=settings.num_splits, k=settings.k)
     logging.info("evaluation of %s: %s", samples, results)
-    path = os.path.join(workdir, RESULTS_FILE)
+    path = storage.join(workdir, RESULTS_FILE)
     if jax.process_index() == 0:
         if isinstance(reference, str):
             reference_protocol.update(_fingerprint(reference))
@@ -338,5 +335,6 @@ def evaluate_from_config(
                          "scipy": scipy.__version__},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json(path, {"metrics": results, "protocol": protocol})
+        storage.write_atomic(path, json.dumps({"metrics": results, "protocol": protocol}, indent=2,
+                                              sort_keys=True).encode())
     return results, path

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from ldm_jax import latent_space
+from ldm_jax import latent_space, storage
 from ldm_jax.inference import generation
 from ldm_jax.models import serialization
 from ldm_jax.models.backbones import BACKBONES
@@ -20,9 +20,11 @@ from ldm_jax.models.vae import AutoencoderKL
 
 
 def require_bundle(path: str, field: str) -> None:
-    """FileNotFoundError naming `field` unless `path` is a model bundle."""
-    if not os.path.isfile(os.path.join(path, "model.json")):
-        raise FileNotFoundError(f"{field}: no model bundle at {path} (missing model.json)")
+    """FileNotFoundError naming `field` unless `path` is a complete model bundle (`serialization.check_bundle`)."""
+    try:
+        serialization.check_bundle(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{field}: {error}") from None
 
 
 def check_backbone(module: Any, path: str, field: str) -> None:
@@ -45,7 +47,7 @@ def latent_decoder(config: Any, latents: dict | None, where: str) -> tuple[gener
     (`latent_space.training_record`; None: not recorded, e.g. converted weights: the VAE's own factors).
     The VAE is vae.path, or the one the bundle records; a contradiction is a ValueError naming both."""
     recorded = ((latents or {}).get("vae") or {}).get("path", "")
-    vae_path = os.path.abspath(config.vae.path or recorded) if (config.vae.path or recorded) else ""
+    vae_path = os.fspath(storage.path(config.vae.path or recorded)) if (config.vae.path or recorded) else ""
     identity = None
     if vae_path:
         require_bundle(vae_path, "vae.path" if config.vae.path else f"vae.path (unset: the VAE {where} was trained with)")

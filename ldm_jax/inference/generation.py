@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 from typing import Any, Mapping
 
@@ -26,6 +27,7 @@ import numpy as np
 from jax.tree_util import Partial
 from PIL import Image
 
+from ldm_jax import storage
 from ldm_jax.conditioning.image_tasks import ImageTask, hole_on_grid, inpaint_conditions, upscale_conditions
 from ldm_jax.conditioning.pairs import condition_pair
 from ldm_jax.conditioning.text_encoding import text_keys
@@ -279,12 +281,12 @@ def image_grid(images: np.ndarray, rows: int) -> np.ndarray:
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> str:
-    """Writes a uint8 [H, W, 3] (or [H, W, 1]) image as PNG (atomically); returns the path."""
+    """Writes a uint8 [H, W, 3] (or [H, W, 1]) image as PNG, atomically, to a local path or a
+    `gs://` URI (`storage.write_atomic`); returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if image.shape[-1] == 1:
         image = image[..., 0]
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    encoded = io.BytesIO()
+    Image.fromarray(image).save(encoded, format="PNG")
+    storage.write_atomic(path, encoded.getvalue())
     return path

@@ -3,19 +3,27 @@
     protocol.json   everything that determines the samples
     grid.png        the sample grid
     samples.npz     arr_0 uint8 [N, H, W, 3], arr_1 int32 labels [N] (ADM's convention)
-    chunks/<start>-<end>.npz   while sampling: images, labels, indices of [start, end)
+    chunks/<start>-<end>.npz   while sampling: images, labels, indices of [start, end) and their
+                               sha256 (written with them, checked when a restart reuses the chunk:
+                               a damaged chunk is sampled again, with a warning naming it)
 
-Every file is written atomically; `samples.npz` is streamed from the chunks (one chunk in memory)
-with fixed zip timestamps, so the same samples give the same bytes.
+Every file is written atomically (`storage.staged_file`: renamed into place locally, uploaded as one
+object to a `gs://` out_dir, where a reader sees it whole or not at all); `samples.npz` is streamed
+from the chunks (one chunk in memory) with fixed zip timestamps, so the same samples give the same
+bytes.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import zipfile
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from ldm_jax import storage
 
 SAMPLES_FILE = "samples.npz"
 PROTOCOL_FILE = "protocol.json"
@@ -24,6 +32,7 @@ GRID_FILE = "grid.png"
 _MOVABLE_FIELDS = ("model_path", "vae.path", "text.encoder_path", "text.tokenizer_path", "text.prompts_file")
 # Fixed zip member timestamps: the same samples give a byte-identical samples.npz.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_CHUNK_ARRAYS = ("images", "labels", "indices")  # a chunk's arrays; its member "sha256" is their checksum
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -45,41 +54,65 @@ def chunk_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
 
 
 def chunk_path(out_dir: str, start: int, end: int) -> str:
-    return os.path.join(out_dir, "chunks", f"{start}-{end}.npz")
+    return storage.join(out_dir, "chunks", f"{start}-{end}.npz")
 
 
 def chunk_files(out_dir: str) -> list[str]:
-    directory = os.path.join(out_dir, "chunks")
-    return [name for name in os.listdir(directory) if name.endswith(".npz")] if os.path.isdir(directory) else []
+    directory = storage.path(out_dir) / "chunks"
+    return [p.name for p in directory.iterdir() if p.name.endswith(".npz")] if directory.is_dir() else []
+
+
+def _arrays_sha256(chunk: dict[str, np.ndarray]) -> str:
+    """sha256 over a chunk's arrays (name, dtype, shape and bytes of each, in `_CHUNK_ARRAYS` order)."""
+    digest = hashlib.sha256()
+    for name in _CHUNK_ARRAYS:
+        array = np.ascontiguousarray(chunk[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def write_chunk(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+    """Writes a chunk atomically, with its arrays' sha256 (member "sha256"), which `read_chunk` checks."""
+    chunk = {"images": images, "labels": labels, "indices": indices}
+    write_atomic(path, lambda f: np.savez(f, **chunk, sha256=np.array(_arrays_sha256(chunk))))
 
 
 def read_chunk(path: str, start: int, end: int, image_shape: tuple[int, ...]) -> dict[str, np.ndarray] | None:
-    """The chunk's arrays if the file is whole and holds exactly the indices [start, end); else None."""
-    try:
-        with np.load(path) as data:
-            chunk = {name: data[name] for name in ("images", "labels", "indices")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    """The chunk's arrays if the file is whole, matches the sha256 recorded at write and holds exactly the
+    indices [start, end); else None, with a warning naming a chunk that is there but is not that."""
+    if not storage.path(path).exists():
         return None
-    n = end - start
-    valid = (chunk["images"].shape == (n, *image_shape) and chunk["images"].dtype == np.uint8
-             and chunk["labels"].shape == (n,) and np.array_equal(chunk["indices"], np.arange(start, end)))
-    return chunk if valid else None
+    try:
+        with np.load(io.BytesIO(storage.path(path).read_bytes())) as data:
+            chunk = {name: data[name] for name in _CHUNK_ARRAYS}
+            recorded = str(data["sha256"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        problem = f"unreadable: {error}"
+    else:
+        n = end - start
+        valid = (chunk["images"].shape == (n, *image_shape) and chunk["images"].dtype == np.uint8
+                 and chunk["labels"].shape == (n,) and np.array_equal(chunk["indices"], np.arange(start, end)))
+        problem = ("checksum mismatch" if recorded != _arrays_sha256(chunk) else
+                   None if valid else f"not the samples [{start}, {end}) of shape {image_shape}")
+    if problem:
+        logging.warning("sample chunk %s is damaged (%s): it is not reused", path, problem)
+        return None
+    return chunk
 
 
 def write_atomic(path: str, write: Any) -> None:
-    """`write(file)` into `<path>.tmp`, flushed to disk, then renamed to `path`."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    """`write(file)` into a local file, flushed to disk, then published at `path` (`storage.staged_file`)."""
+    with storage.staged_file(path) as local, open(local, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
 
 
 def _npz_shapes(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{member: (shape, dtype)} of an .npz from the .npy headers alone (nothing loaded)."""
     shapes = {}
-    with zipfile.ZipFile(path) as archive:
+    with storage.path(path).open("rb") as file, zipfile.ZipFile(file) as archive:
         for name in archive.namelist():
             with archive.open(name) as f:
                 read_header = {(1, 0): np.lib.format.read_array_header_1_0,

@@ -25,7 +25,8 @@ The model is the bundle at sample.model_path (default `<workdir>/model`, what `t
 diffusion objective (`diffusion`, which the config must not contradict) and the latent space (its
 VAE, found at the recorded path unless vae.path is set, and the latent normalisation:
 `latent_space.py`); the sampler and guidance come from `sample`. Parameters are laid out on the mesh
-by the logical axis rules; only process 0 writes files.
+by the logical axis rules; only process 0 writes files. The workdir, out_dir, the bundles, the image
+and the mask may be local paths or `gs://` URIs (`storage`); a restart resumes the same on both.
 
 Text-conditioned models: sample i uses prompt i mod P of sample.prompts (the CLI's --prompt) or of
 sample.prompts_file, encoded by the frozen text encoder of the `text` section; guidance pairs it with
@@ -49,7 +50,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any
 
@@ -61,6 +61,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 import ldm_jax
+from ldm_jax import storage
 from ldm_jax.conditioning import image_tasks, text_encoding
 from ldm_jax.conditioning.image_tasks import ImageTask
 from ldm_jax.data import transforms
@@ -80,7 +81,7 @@ def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[s
     mesh_lib.initialize_distributed(config.distributed)
     settings = config.sample
     _check_settings(settings)
-    out_dir = os.path.abspath(settings.out_dir or os.path.join(workdir, "samples"))
+    out_dir = os.fspath(storage.path(settings.out_dir or storage.join(workdir, "samples")))
     mesh = mesh_lib.make_mesh(dict(config.mesh), devices)
     num_shards = math.prod(mesh.shape[axis] for axis in mesh_lib.BATCH_AXES)
     if settings.batch_size % num_shards:
@@ -88,17 +89,19 @@ def sample_from_config(config: Any, workdir: str, devices: Any = None) -> dict[s
                          f"shards (mesh axes {' x '.join(mesh_lib.BATCH_AXES)})")
     generator, params, vae_params, prompts, image_inputs, protocol = _load(config, workdir, mesh)
     _claim(out_dir, protocol)
+    suspects = (f"sample.guidance_scale={settings.guidance_scale}, sample.sampler={settings.sampler}, "
+                f"sample.num_steps={settings.num_steps}, or the weights in {protocol['model_path']}")
     sample = _BatchSampler(generator, params, vae_params, settings.seed, settings.batch_size, mesh, prompts,
-                           image_inputs)
+                           image_inputs, suspects=suspects)
 
     rows, cols = settings.grid_rows, settings.grid_cols
     grid = sample(np.arange(rows * cols), generation.grid_labels(rows, cols, sample.num_conditions))
-    outputs = {"grid": os.path.join(out_dir, GRID_FILE)}
+    outputs = {"grid": storage.join(out_dir, GRID_FILE)}
     if _is_leader():
         generation.save_png(generation.image_grid(grid, rows), outputs["grid"])
     if settings.num_samples:
         outputs["samples"] = _sample_chunks(sample, out_dir, settings, protocol)
-    outputs["protocol"] = os.path.join(out_dir, PROTOCOL_FILE)
+    outputs["protocol"] = storage.join(out_dir, PROTOCOL_FILE)
     return outputs
 
 
@@ -137,8 +140,9 @@ def _prompt_conditions(config: Any, model: Any, where: str, image_task: ImageTas
         raise ValueError(f"{where}: a DiT conditioned on {list(keys)} needs prompts (--prompt, sample.prompts or "
                          "sample.prompts_file) and its text encoder (text.encoder_path, text.tokenizer_path)")
     encoder, text_params = loaded
-    protocol = {**prompts_protocol, **encoder.describe(), "encoder_path": os.path.abspath(config.text.encoder_path),
-                "tokenizer_path": os.path.abspath(config.text.tokenizer_path),
+    protocol = {**prompts_protocol, **encoder.describe(),
+                "encoder_path": os.fspath(storage.path(config.text.encoder_path)),
+                "tokenizer_path": os.fspath(storage.path(config.text.tokenizer_path)),
                 "weights_sha256": serialization.params_sha256(text_params)}
     return text_encoding.PromptConditions(encoder, text_params, prompts, keys), protocol
 
@@ -148,10 +152,10 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
     image task's inputs (`_image_inputs`), protocol)."""
     settings = config.sample
     field = "sample.model_path" if settings.model_path else "sample.model_path (unset: <workdir>/model)"
-    model_path = os.path.abspath(settings.model_path or os.path.join(workdir, "model"))
+    model_path = os.fspath(storage.path(settings.model_path or storage.join(workdir, "model")))
     bundles.require_bundle(model_path, field)
     if config.vae.path:
-        bundles.require_bundle(os.path.abspath(config.vae.path), "vae.path")
+        bundles.require_bundle(os.fspath(storage.path(config.vae.path)), "vae.path")
     model, params, metadata = serialization.load_model(model_path)
     bundles.check_backbone(model, model_path, field)
     image_task = ImageTask.from_config(metadata.get("image_task"))
@@ -194,10 +198,10 @@ def _load(config: Any, workdir: str, mesh: jax.sharding.Mesh) -> tuple[generatio
 def _read_image(path: str, field: str, mode: str) -> np.ndarray:
     """An image file as uint8 [H, W, 3] (mode "RGB") or [H, W] ("L"), 16-bit and float files scaled
     by their range (`transforms.to_8bit`); FileNotFoundError / ValueError naming the field."""
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"{field}={path}: no such file")
     try:
-        with Image.open(path) as image:
+        with storage.local_copy(path) as local, Image.open(local) as image:
             return np.asarray(transforms.to_8bit(image, mode))
     except OSError as error:
         raise ValueError(f"{field}={path} is not a readable image ({error})") from error
@@ -254,8 +258,7 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
 
 
 def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(storage.path(path).read_bytes()).hexdigest()
 
 
 def _place(tree: Any, shardings: Any) -> Any:
@@ -284,13 +287,12 @@ def _claim(out_dir: str, protocol: dict) -> None:
     protocol (ValueError naming the differing fields otherwise)."""
     problem = ""
     if _is_leader():
-        path = os.path.join(out_dir, PROTOCOL_FILE)
-        if os.path.exists(os.path.join(out_dir, SAMPLES_FILE)) or sample_files.chunk_files(out_dir):
-            if not os.path.exists(path):
+        path = storage.path(out_dir) / PROTOCOL_FILE
+        if (storage.path(out_dir) / SAMPLES_FILE).exists() or sample_files.chunk_files(out_dir):
+            if not path.exists():
                 problem = f"{out_dir} holds samples but no {PROTOCOL_FILE} to check them against"
             else:
-                with open(path) as f:
-                    differences = sample_files.protocol_differences(json.load(f), protocol)
+                differences = sample_files.protocol_differences(json.loads(path.read_text()), protocol)
                 if differences:
                     problem = f"{out_dir} holds samples of another protocol; differing fields: {', '.join(differences)}"
         if not problem:
@@ -304,10 +306,14 @@ class _BatchSampler:
     """(indices [n], labels [n]) numpy -> uint8 images [n, H, W, C] on every process, generated in
     global batches of `batch_size` sharded over the mesh (a short last batch padded, then trimmed).
     With `prompts` (a text-conditioned model), the labels are prompt indices. `image_inputs`: the
-    image (and mask) every sample inpaints or upscales, no batch axis."""
+    image (and mask) every sample inpaints or upscales, no batch axis. Non-finite images are a
+    FloatingPointError naming the samples and `suspects` (the settings likely at fault), before
+    anything of them is written."""
 
-    def __init__(self, generator, params, vae_params, seed, batch_size, mesh, prompts=None, image_inputs=None):
+    def __init__(self, generator, params, vae_params, seed, batch_size, mesh, prompts=None, image_inputs=None, *,
+                 suspects: str):
         self.generator, self.params, self.vae_params = generator, params, vae_params
+        self.suspects = suspects
         self.batch_size, self.batch_sharding = batch_size, mesh_lib.batch_sharding(mesh)
         self.key = np.asarray(jax.random.PRNGKey(seed))  # raw uint32 [2], the same on every process
         self.global_key = _global(self.key, mesh_lib.replicated(mesh))
@@ -334,7 +340,11 @@ class _BatchSampler:
                 text = {k: _global(v, self.batch_sharding) for k, v in self.prompts(padded[1]).items()}
             images = self.generator(self.params, self.vae_params, self.global_key, index_array, label_array, text,
                                     self.null_text, **self.image_inputs)
-            out.append(generation.to_uint8(multihost_utils.process_allgather(images, tiled=True)[:n]))
+            images = np.asarray(multihost_utils.process_allgather(images, tiled=True)[:n])
+            if not np.isfinite(images).all():
+                raise FloatingPointError(f"the sampler produced non-finite values at samples {indices[start]}-"
+                                         f"{indices[start + n - 1]} ({self.suspects}); nothing was written for them")
+            out.append(generation.to_uint8(images))
         return np.concatenate(out)
 
 
@@ -345,7 +355,7 @@ def _global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 
 def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol: dict) -> str:
     """Generates the chunks not yet on disk, then assembles samples.npz; returns its path."""
-    path = os.path.join(out_dir, SAMPLES_FILE)
+    path = storage.join(out_dir, SAMPLES_FILE)
     num_samples, image_shape = settings.num_samples, tuple(protocol["image_shape"])
     labelled = sample.num_conditions > 0
     complete = functools.partial(sample_files.complete, path, num_samples, image_shape, labelled)
@@ -356,7 +366,7 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     todo = _from_leader(todo)
     if todo.any():
         logging.info("sampling %d of %d chunks (%d already written) into %s", todo.sum(), len(ranges),
-                     len(ranges) - todo.sum(), os.path.join(out_dir, "chunks"))
+                     len(ranges) - todo.sum(), storage.join(out_dir, "chunks"))
     began, done = time.monotonic(), 0
     for k in np.flatnonzero(todo):
         start, end = ranges[k]
@@ -366,8 +376,7 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
                                           sample.num_conditions)[:end - start]  # one shape: one compile
         images = sample(indices, labels)
         if _is_leader():
-            sample_files.write_atomic(sample_files.chunk_path(out_dir, start, end),
-                          lambda f: np.savez(f, images=images, labels=labels, indices=indices))
+            sample_files.write_chunk(sample_files.chunk_path(out_dir, start, end), images, labels, indices)
         done += 1
         rate = done * settings.batch_size / (time.monotonic() - began)
         logging.info("chunk [%d, %d) of %d: %.1f images/s, ETA %.0f s", start, end, num_samples, rate,
@@ -376,7 +385,9 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
     if _is_leader():
         if not complete():
             sample_files.assemble(out_dir, ranges, image_shape, labelled, path)
-        shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
+        chunks = storage.path(out_dir) / "chunks"
+        if chunks.exists():
+            chunks.rmtree()
     multihost_utils.sync_global_devices("ldm_jax.sample.assembled")
     return path
 

@@ -1,10 +1,12 @@
 """orbax checkpoints of a run: the TrainState, the input iterator's state and the config.
 
-Layout: `<workdir>/checkpoints/<step>/{state, data, config}`. orbax writes each step to a temporary
-directory and renames it when complete, so a kill mid-save never touches the latest good step. On
-restore, a step that cannot be read (or holds non-finite values) is moved aside to `<step>.corrupt`
-and the previous one is used; when none can be read, the restore refuses rather than start over. A
-save that fails for lack of space removes its temporary directory and says the disk is full.
+Layout: `<workdir>/checkpoints/<step>/{state, data, config}`, a local path or a `gs://` URI. A step
+is complete once orbax finalises it: locally it writes `<step>.orbax-checkpoint-tmp-*` and renames it;
+on GCS (no renames) it writes `<step>/` and then `<step>/commit_success.txt`. Either way a kill
+mid-save never touches the latest good step. On restore, a step that cannot be read (or holds
+non-finite values) is moved aside to `<step>.corrupt` and the previous one is used; when none can be
+read, the restore refuses rather than start over. A save that fails for lack of space removes its
+unfinished step and says the disk is full.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
+import re
 from typing import Any, Callable, Mapping
 
 import grain
@@ -20,10 +22,12 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ldm_jax import storage
 from ldm_jax.training.state import tree_all_finite
 
 STATE, DATA, CONFIG = "state", "data", "config"
-_TMP_MARKER = ".orbax-checkpoint-tmp"
+# What an unfinished save is named: `<step>.orbax-checkpoint-tmp-<time>` locally, `<step>` on GCS.
+_STEP_OR_TEMPORARY = re.compile(r"\d+(\.orbax-checkpoint-tmp.*)?")
 
 
 class UnreadableCheckpointsError(ValueError):
@@ -55,7 +59,7 @@ class Checkpointer:
             raise ValueError(f"train.checkpoint_every={save_every}: must be >= 1")
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints={keep}: must be >= 1")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -151,18 +155,21 @@ class Checkpointer:
         return state
 
     def _set_aside(self, steps) -> None:
-        """Renames unusable steps to `<step>.corrupt` (never deleted), so a resumed run can save them anew."""
+        """Moves unusable steps to `<step>.corrupt` (never deleted), so a resumed run can save them anew.
+
+        On GCS the step is copied before its objects are deleted (`storage.move`): a kill leaves the
+        step, or a complete copy of it."""
         steps = list(steps)
         if not steps:
             return
         if jax.process_index() == 0:
             for step in steps:
-                source = os.path.join(self.directory, str(step))
-                target, n = f"{source}.corrupt", 1
-                while os.path.exists(target):
+                source = self.directory / str(step)
+                target, n = self.directory / f"{step}.corrupt", 1
+                while target.exists():
                     n += 1
-                    target = f"{source}.corrupt-{n}"
-                os.rename(source, target)
+                    target = self.directory / f"{step}.corrupt-{n}"
+                storage.move(source, target)
                 logging.warning("moved the unusable checkpoint step %d aside to %s", step, target)
         multihost_utils.sync_global_devices("ldm_jax.checkpointing.set_aside")
         self._manager.reload()
@@ -195,13 +202,16 @@ class Checkpointer:
             ) from error
 
     def remove_temporary(self) -> list[str]:
-        """Deletes the `*.orbax-checkpoint-tmp*` directories of unfinished saves; returns their names."""
+        """Deletes the steps of unfinished saves; returns their names.
+
+        Unfinished is what orbax says (`<step>.orbax-checkpoint-tmp-*` locally, a `<step>` without
+        `commit_success.txt` on GCS), and only step-named folders are considered."""
         removed = []
-        if jax.process_index() == 0 and os.path.isdir(self.directory):
-            for name in os.listdir(self.directory):
-                if _TMP_MARKER in name:
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-                    removed.append(name)
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for child in self.directory.iterdir():
+                if _STEP_OR_TEMPORARY.fullmatch(child.name) and ocp.path.step.is_path_temporary(child):
+                    child.rmtree(missing_ok=True)
+                    removed.append(child.name)
         return removed
 
 

@@ -4,12 +4,20 @@
 
 Resumes from the newest readable checkpoint in `<workdir>/checkpoints` (state + data iterator), so a
 killed or preempted run continues exactly where its last checkpoint was; SIGTERM (TPU VM
-preemption) saves a checkpoint before exiting. A workdir belongs to one run (`training/workdir.py`):
-a second run at once is refused, and so is a restart whose config changes the state or the maths
-(`train.force_new=True` moves the old checkpoints aside instead). A step whose loss, gradients or
-updated state are not finite is not applied; the loop stops with an error naming the step, before
-anything is saved after it. At the end the EMA parameters are exported as a model bundle to `<workdir>/model`; previews (sample grids)
+preemption) saves a checkpoint before exiting, at a step all hosts agree on (`training/preemption.py`).
+A workdir belongs to one run (`training/workdir.py`): a second run at once is refused, and so is a
+restart whose config changes the state or the maths (`train.force_new=True` moves the old
+checkpoints aside instead). A step whose loss, gradients or updated state are not finite is not
+applied; then `train.nonfinite` (`training/nonfinite.py`) stops the run with an error naming the
+step, before anything is saved after it ("stop"), skips the step ("skip"), or goes back to the last
+checkpoint with the data past the bad batches ("rollback"); the loop's step numbers checkpoints and
+logs, `state.step` counts the updates applied. At the end the EMA parameters are exported as a model bundle to `<workdir>/model`; previews (sample grids)
 go to TensorBoard and to `<workdir>/previews/step_<n>.png`.
+
+The workdir is a local path or a `gs://` URI (`ldm_jax/storage.py`). TensorBoard logs go to
+`tensorboard_logdir(workdir)` through clu's writer, which writes with `tf.io.gfile` (gs:// works on
+a TPU VM); `LDM_JAX_TENSORBOARD=0` turns them off (metrics in the log only), for a store that
+`tf.io.gfile` cannot reach, such as the local GCS emulator of the tests.
 """
 from __future__ import annotations
 
@@ -17,7 +25,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -26,39 +33,21 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
+from ldm_jax import storage
 from ldm_jax.data import pipeline
 from ldm_jax.inference import generation
 from ldm_jax.parallel import mesh as mesh_lib
-from ldm_jax.training import checkpointing, optimizers, steps, tasks
+from ldm_jax.training import checkpointing, nonfinite, optimizers, steps, tasks
+from ldm_jax.training.preemption import Preemption
 from ldm_jax.training import workdir as workdir_lib
 from ldm_jax.training.state import TrainState, init_sharded_state
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss, gradients or updated state became NaN/inf; the state of the step before is what was kept."""
+TENSORBOARD_ENV = "LDM_JAX_TENSORBOARD"
 
 
 class OtherRunError(ValueError):
     """The workdir's checkpoints were written with a config that differs in the state or the maths."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls (so it can save first), then restores the handler."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):  # noqa: ARG001
-            logging.warning("SIGTERM received: saving a checkpoint, then stopping")
-            self.requested = True
-
-        self._previous = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def validate_config(config: Any) -> None:
@@ -74,17 +63,7 @@ def validate_config(config: Any) -> None:
             f"data.batch_size={config.data.batch_size} is not divisible by "
             f"train.accumulation_steps={train.accumulation_steps}"
         )
-
-
-def _check_finite(step: int, metrics: dict, checkpointer: checkpointing.Checkpointer) -> None:
-    if float(metrics["finite"]) < 1.0:
-        latest = checkpointer.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite loss, gradients or updated parameters at step {step} (loss={float(metrics['loss'])}); "
-            f"the update was not applied. "
-            + (f"Latest good checkpoint: step {latest} in {checkpointer.directory}" if latest is not None
-               else "No checkpoint was saved before it")
-        )
+    nonfinite.Policy.from_config(train)
 
 
 @contextlib.contextmanager
@@ -107,9 +86,17 @@ def _own_workdir(workdir: str):
             lock.__exit__(None, None, None)
 
 
+def tensorboard_logdir(workdir: str) -> str | None:
+    """Where TensorBoard logs and profiles go: the workdir (a local path made absolute, or the URI
+    as given), or None when `LDM_JAX_TENSORBOARD=0` (metrics are then only logged)."""
+    if os.environ.get(TENSORBOARD_ENV, "1") == "0":
+        return None
+    return storage.join(workdir)
+
+
 def _make_checkpointer(config: Any, workdir: str) -> checkpointing.Checkpointer:
     return checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        storage.join(workdir, "checkpoints"),
         save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints,
         keep_every=config.train.get("keep_every") or None,
@@ -142,7 +129,7 @@ def _resume(config: Any, workdir: str, state: TrainState, data: Any) -> tuple[ch
             raise
         aside = f"{checkpointer.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
-            os.rename(checkpointer.directory, aside)
+            storage.move(checkpointer.directory, aside)
         multihost_utils.sync_global_devices("ldm_jax.loop.force_new")
         logging.warning("train.force_new: moved the old checkpoints to %s (%s)", aside, str(refused).splitlines()[0])
         return _make_checkpointer(config, workdir), state, 0
@@ -177,48 +164,68 @@ def _train(config: Any, workdir: str) -> TrainState:
         data.close()
         raise
 
+    policy = nonfinite.Policy.from_config(config.train)
+    responder = nonfinite.Responder(  # train.nonfinite: what a non-finite step does (training/nonfinite.py)
+        policy, checkpointer,
+        initial_state=lambda: init_sharded_state(task.init_params, tx, jax.random.PRNGKey(config.seed), mesh)[0],
+        place=lambda guard: jax.device_put(guard, mesh_lib.replicated(mesh)),
+    )
     step_fn = jax.jit(
-        functools.partial(
+        nonfinite.guarded(functools.partial(
             steps.train_step, loss_fn=task.loss_fn, tx=tx, learning_rate=learning_rate,
             ema_decay=config.ema.decay, ema_warmup=config.ema.warmup,
             accumulation_steps=config.train.accumulation_steps,
-        ),
-        in_shardings=(state_shardings, None, batch_sharding),
-        out_shardings=(state_shardings, mesh_lib.replicated(mesh)),
+        ), policy),
+        in_shardings=(state_shardings, None, None, batch_sharding),
+        out_shardings=(state_shardings, mesh_lib.replicated(mesh), mesh_lib.replicated(mesh)),
         donate_argnums=0,
     )
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    logdir = tensorboard_logdir(workdir)
+    writer = metric_writers.create_default_writer(logdir, just_logging=logdir is None or jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
         parameter_overview.log_parameter_overview(state.params)
     num_steps = config.train.num_steps
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
-    if config.train.profile_steps and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.train.profile_steps))
+    if config.train.profile_steps and logdir is not None and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(logdir=logdir, num_profile_steps=config.train.profile_steps))
 
     compiled = None
     step_flops = 0.0
     last_log_time, last_log_step = time.perf_counter(), start_step
     try:
-        with _Preemption() as preemption:
-            for step in range(start_step + 1, num_steps + 1):
+        with Preemption() as preemption:  # every host saves at the same step (training/preemption.py)
+            step = furthest = start_step
+            guard = responder.guard(step)
+            while step < num_steps:
+                step += 1
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     batch = next(data)
                     if compiled is None:
-                        compiled = step_fn.lower(state, frozen, batch).compile()
+                        compiled = step_fn.lower(state, guard, frozen, batch).compile()
                         step_flops = _flops(compiled)
-                    state, metrics = compiled(state, frozen, batch)
-                for hook in hooks:
-                    hook(step)
-                save_due = step % config.train.checkpoint_every == 0 or step == num_steps or preemption.requested
+                    state, guard, metrics = compiled(state, guard, frozen, batch)
+                if step > furthest:  # clu's hooks count forward; a rollback runs some steps again
+                    furthest = step
+                    for hook in hooks:
+                        hook(step)
+                preempted = preemption.reached(step)
+                save_due = step % config.train.checkpoint_every == 0 or step == num_steps or preempted
                 if save_due or step % config.train.log_every == 0:
-                    _check_finite(step, metrics, checkpointer)
+                    rolled_back = responder.check(step, state, guard)  # or raises NonFiniteLossError
+                    if rolled_back is not None:
+                        state, guard, step = rolled_back
+                        last_log_time, last_log_step = time.perf_counter(), step
+                        if preempted:  # the step rolled back to is the newest checkpoint already
+                            break
+                        continue
                 if step % config.train.log_every == 0 or step == num_steps:
                     now = time.perf_counter()
                     steps_per_s = (step - last_log_step) / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_step = now, step
                     scalars = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                    scalars.update(responder.scalars(step, state))
                     scalars.update(
                         steps_per_s=steps_per_s,
                         images_per_s=steps_per_s * config.data.batch_size,
@@ -233,16 +240,16 @@ def _train(config: Any, workdir: str) -> TrainState:
                     grid = task.preview(state.ema_params, frozen, jax.random.fold_in(jax.random.PRNGKey(config.seed), step))
                     writer.write_images(step, {"samples": grid[None]})
                     if jax.process_index() == 0:
-                        path = generation.save_png(grid, os.path.join(workdir, "previews", f"step_{step:08d}.png"))
+                        path = generation.save_png(grid, storage.join(workdir, "previews", f"step_{step:08d}.png"))
                         logging.info("preview written to %s", path)
-                if preemption.requested:
+                if preempted:
                     break
     finally:  # pending async saves complete even when a step fails
         checkpointer.close()
         writer.flush()
         data.close()
-    if int(state.step) == num_steps:
-        task.export(os.path.join(workdir, "model"), state.ema_params)
+    if step == num_steps:  # not when preempted (state.step < num_steps when steps were skipped)
+        task.export(storage.join(workdir, "model"), state.ema_params)
     return state
 
 

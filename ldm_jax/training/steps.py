@@ -89,6 +89,7 @@ def train_step(
     ema_decay: float,
     ema_warmup: bool = False,
     accumulation_steps: int = 1,
+    allow: jax.Array | bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on `batch` (all of it: micro-batched when accumulating).
 
@@ -96,12 +97,14 @@ def train_step(
       or None. Returns the new state and scalar metrics: loss (+ the loss's own terms), grad_norm,
       learning_rate, finite (1.0 if the update was applied, 0.0 if it was skipped: a non-finite loss,
       gradient, or updated parameter / optimizer moment / EMA value, e.g. from a huge learning rate).
+    allow: a traced bool; False computes the step but applies nothing (finite=0.0): a halted run
+      (`training/nonfinite.py`).
     """
     key = jax.random.fold_in(state.rng, state.step)
     metrics, grads = loss_and_grads(loss_fn, state.params, frozen, batch, key, accumulation_steps, state.step)
     grad_norm = optax.tree.norm(grads)
     updated = apply_gradients(state, grads, tx, ema_decay_at(state.step, ema_decay, ema_warmup))
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & tree_all_finite(updated)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & tree_all_finite(updated) & allow
     new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=learning_rate(state.step),
                    finite=finite.astype(jnp.float32))
