@@ -85,3 +85,14 @@ def test_unreadable_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"no checkpoint .* can be restored: step 1: .*force_new"):
         loop.train(_tiny_config(num_steps=2), str(tmp_path))
     assert _saved_steps(tmp_path) == [1]
+
+
+def test_a_new_run_records_its_parameters_in_the_workdir_not_the_terminal(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        loop.train(_tiny_config(num_steps=1), str(tmp_path))
+    table = (tmp_path / "parameters.txt").read_text()
+    assert "blocks_0/adaLN_modulation/linear/kernel" in table and "Total:" in table
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "parameters (table: " in logged
+    assert "blocks_0/adaLN_modulation" not in logged and "Hyperparameters" not in logged
+    assert list(tmp_path.glob("events.out.tfevents.*")), "the hyperparameters go to TensorBoard"

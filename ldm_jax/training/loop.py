@@ -181,11 +181,11 @@ def _train(config: Any, workdir: str) -> TrainState:
         donate_argnums=0,
     )
 
-    logdir = tensorboard_logdir(workdir)
-    writer = metric_writers.create_default_writer(logdir, just_logging=logdir is None or jax.process_index() > 0)
+    logdir = tensorboard_logdir(workdir) if jax.process_index() == 0 else None
+    summaries = metric_writers.SummaryWriter(logdir) if logdir is not None else None
+    writer = metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter()] + ([summaries] if summaries else []))
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-        parameter_overview.log_parameter_overview(state.params)
+        _record_new_run(config, state.params, workdir, summaries)
     num_steps = config.train.num_steps
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
     if config.train.profile_steps and logdir is not None and jax.process_index() == 0:
@@ -251,6 +251,19 @@ def _train(config: Any, workdir: str) -> TrainState:
     if step == num_steps:  # not when preempted (state.step < num_steps when steps were skipped)
         task.export(storage.join(workdir, "model"), state.ema_params)
     return state
+
+
+def _record_new_run(config: Any, params: Any, workdir: str, summaries: Any) -> None:
+    """The hyperparameters (to TensorBoard) and the parameter table (to `<workdir>/parameters.txt`) of
+    a new run; the terminal gets one line, not a dictionary and a table of every parameter."""
+    if summaries is not None:
+        summaries.write_hparams(_flatten(config.to_dict()))
+    count = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    if jax.process_index() == 0:
+        table = storage.join(workdir, "parameters.txt")
+        storage.write_atomic(table, (parameter_overview.get_parameter_overview(params) + "\n").encode())
+        logging.info("%s parameters (table: %s; hyperparameters: the config in each checkpoint%s)",
+                     f"{count:,}", table, " and TensorBoard" if summaries is not None else "")
 
 
 def _flops(compiled: Any) -> float:
