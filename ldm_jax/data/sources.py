@@ -415,7 +415,7 @@ def verify_latent_shards(paths: list[str], limit: int = VERIFY_ON_OPEN_BYTES) ->
             recorded[path] = json.loads(storage.path(path + ".json").read_text(encoding="utf-8"))
     if any("sha256" not in sums for sums in recorded.values()):
         logging.warning("latent cache %s records no shard checksums (made before ldm_jax recorded them): its "
-                        "shards are not verified; encode it again to add them", os.path.dirname(paths[0]))
+                        "shards are not verified; encode it into a new folder to add them", os.path.dirname(paths[0]))
     expected = {path: sums for path, sums in recorded.items() if "sha256" in sums}
     total = sum(sums["bytes"] for sums in expected.values())
     if total > limit:

@@ -253,8 +253,8 @@ def folder_images(folder: str, num_threads: int = 8) -> ImageSet:
     """The image files below `folder` (see `image_files`), all of one size; a file that cannot be read
     (or a decompression bomb) stops the reading with a ValueError naming it (`sources.read_image`)."""
     files = image_files(folder)
-    batches = functools.partial(_threaded_batches, lambda i: np.asarray(read_image(files[i])), files.__getitem__, len(files),
-                                num_threads=num_threads)
+    batches = functools.partial(_threaded_batches, lambda i: np.asarray(read_image(files[i])), files.__getitem__,
+                                len(files), num_threads=num_threads)
     return ImageSet(folder, len(files), batches)
 
 

@@ -58,13 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
 import ldm_jax
 from ldm_jax import storage
 from ldm_jax.conditioning import image_tasks, text_encoding
 from ldm_jax.conditioning.image_tasks import ImageTask
-from ldm_jax.data import transforms
+from ldm_jax.data import sources, transforms
 from ldm_jax.diffusion import objectives
 from ldm_jax.inference import bundles, generation, sample_files
 from ldm_jax.inference.sample_files import GRID_FILE, PROTOCOL_FILE, SAMPLES_FILE
@@ -201,11 +200,8 @@ def _read_image(path: str, field: str, mode: str) -> np.ndarray:
     if not storage.path(path).is_file():
         raise FileNotFoundError(f"{field}={path}: no such file")
     try:
-        with storage.local_copy(path) as local, Image.open(local) as image:
-            return np.asarray(transforms.to_8bit(image, mode))
-    except OSError as error:
-        raise ValueError(f"{field}={path} is not a readable image ({error})") from error
-    except ValueError as error:
+        return np.asarray(sources.read_image(path, mode))
+    except ValueError as error:  # unreadable, or a decompression bomb: named by the reader
         raise ValueError(f"{field}: {error}") from error
 
 
