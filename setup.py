@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "pillow>=11.0,<14",
     "scikit-learn>=1.5,<2",
     "safetensors>=0.4,<1",
+    "tqdm>=4.66,<5",  # progress bars of sample / encode / evaluate / convert (ldm_jax/progress.py)
     # gs:// paths: etils.epath reaches GCS through fsspec/gcsfs (ldm_jax/storage.py).
     "gcsfs>=2026.10.1,<2027",
 ]

@@ -128,7 +128,7 @@ def encode_command() -> None:
 
 
 def convert_command() -> None:
-    from ldm_jax import storage
+    from ldm_jax import progress, storage
     from ldm_jax.models import serialization
 
     source, target = FLAGS["from"].value, FLAGS.to
@@ -145,9 +145,14 @@ def convert_command() -> None:
         print(f"wrote {exporter.target} to {FLAGS.out}")
         return
     out = serialization.check_target(FLAGS.out, FLAGS.overwrite)  # before the (long) conversion
-    module, params = IMPORTERS[source].load(FLAGS.src, {"model": FLAGS.model, "image_size": FLAGS.image_size})
-    metadata = {"source": os.fspath(storage.path(FLAGS.src)), "format": source}  # a gs:// URI stays one
-    serialization.save_model(out, module, params, metadata=metadata, overwrite=FLAGS.overwrite)
+    with progress.bar(2, f"convert {source}", unit="stages") as bar:
+        bar.set_postfix_str(f"reading {FLAGS.src}")
+        module, params = IMPORTERS[source].load(FLAGS.src, {"model": FLAGS.model, "image_size": FLAGS.image_size})
+        bar.update()
+        bar.set_postfix_str(f"writing {FLAGS.out}")
+        metadata = {"source": os.fspath(storage.path(FLAGS.src)), "format": source}  # a gs:// URI stays one
+        serialization.save_model(out, module, params, metadata=metadata, overwrite=FLAGS.overwrite)
+        bar.update()
     print(f"wrote {type(module).__name__} bundle to {FLAGS.out}")
 
 

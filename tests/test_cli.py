@@ -22,9 +22,11 @@ pytestmark = pytest.mark.slow  # the fast tier (-m "not slow") leaves this modul
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, cwd=ROOT, timeout=900):
+def _cli(*args, cwd=ROOT, timeout=900, progress=None):
+    """Runs `ldm-jax *args`; `progress="1"` draws its progress bar into the captured stderr."""
+    env = dict(os.environ, **({} if progress is None else {"LDM_JAX_PROGRESS": progress}))
     return subprocess.run([sys.executable, "-m", "ldm_jax.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 def _convert(fixtures_dir, out, *args, **kwargs):
@@ -42,9 +44,10 @@ def _one_line_error(result):
 
 def test_convert_command_writes_a_loadable_bundle(tmp_path, fixtures_dir):
     out = tmp_path / "dit"
-    result = _cli("convert", "--from=dit_diffusers", f"--src={fixtures_dir / 'dit_tiny_diffusers'}", f"--out={out}")
+    result = _cli("convert", "--from=dit_diffusers", f"--src={fixtures_dir / 'dit_tiny_diffusers'}", f"--out={out}",
+                  progress="1")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote DiT bundle" in result.stdout
+    assert "wrote DiT bundle" in result.stdout and "convert dit_diffusers: 100%" in result.stderr
     module, params, metadata = serialization.load_model(out)
     reference_module, reference_params = dit_from_diffusers(fixtures_dir / "dit_tiny_diffusers")
     assert module == reference_module and metadata["format"] == "dit_diffusers"
@@ -105,8 +108,9 @@ def test_encode_command_caches_what_the_vae_encodes(tmp_path):
     serialization.save_model(tmp_path / "vae", vae, params)
     result = _cli("encode", "--config=configs/dit_digits.py", f"--config.vae.path={tmp_path / 'vae'}",
                   "--config.data.split=test", "--config.data.batch_size=32", "--config.data.random_flip=False",
-                  f"--out={tmp_path / 'latents'}", "--shard_size=128")
+                  f"--out={tmp_path / 'latents'}", "--shard_size=128", progress="1")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "encode: 100%" in result.stderr and "300/300" in result.stderr
     assert "--config.data.source=latents" in result.stdout
     cache = sources.LatentSource(str(tmp_path / "latents"))
     assert cache.meta["vae"] == latent_space.vae_identity(vae, params)  # what training checks vae.path against

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from ldm_jax import storage
+from ldm_jax import progress, storage
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
@@ -318,7 +318,8 @@ def cache_latents(
 
     writers: dict[int, _ShardWriter] = {}
     done, start, last_log = 0, time.time(), time.time()
-    with serialization.reporting_disk_full(out_dir), _aborting_on_failure(writers):
+    with serialization.reporting_disk_full(out_dir), _aborting_on_failure(writers), \
+            progress.bar(num_pending, "encode") as bar:
         for _ in range(steps):
             batch = next(batches, None)
             inputs = {"image": np.zeros((per_host,) + image_shape, np.float32)}
@@ -350,6 +351,7 @@ def cache_latents(
                     writers[shard].finish()
                     del writers[shard]
             done += valid
+            bar.update(valid)
             if time.time() - last_log >= log_every_s:
                 last_log = time.time()
                 rate = done / (last_log - start)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-from ldm_jax import storage
+from ldm_jax import progress, storage
 from ldm_jax.data import transforms
 from ldm_jax.data.sources import IMAGE_EXTENSIONS, read_image
 from ldm_jax.models.inception import InceptionV3
@@ -116,20 +116,23 @@ class InceptionFeatures:
             logging.info("Inception features of %s: %d%s images, %.1f images/s", name, done, of,
                          done / max(now - start, 1e-9))
 
-        for batch in batches:
-            started = self._dispatch(batch)
-            if pending is not None:
-                parts.append(self._fetch(pending))
-                done += pending[1]
-            pending = started
-            now = time.monotonic()
-            if now - last_log >= log_every:
-                log(now)
-                last_log = now
-        if pending is None:
-            raise ValueError(f"{name}: no images to compute Inception features of")
-        parts.append(self._fetch(pending))
-        done += pending[1]
+        with progress.bar(total, f"Inception features of {name}") as bar:
+            for batch in batches:
+                started = self._dispatch(batch)
+                if pending is not None:
+                    parts.append(self._fetch(pending))
+                    done += pending[1]
+                    bar.update(pending[1])
+                pending = started
+                now = time.monotonic()
+                if now - last_log >= log_every:
+                    log(now)
+                    last_log = now
+            if pending is None:
+                raise ValueError(f"{name}: no images to compute Inception features of")
+            parts.append(self._fetch(pending))
+            done += pending[1]
+            bar.update(pending[1])
         log(time.monotonic())
         return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
 

@@ -60,7 +60,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import ldm_jax
-from ldm_jax import storage
+from ldm_jax import progress, storage
 from ldm_jax.conditioning import image_tasks, text_encoding
 from ldm_jax.conditioning.image_tasks import ImageTask
 from ldm_jax.data import sources, transforms
@@ -364,6 +364,7 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
         logging.info("sampling %d of %d chunks (%d already written) into %s", todo.sum(), len(ranges),
                      len(ranges) - todo.sum(), storage.join(out_dir, "chunks"))
     began, done = time.monotonic(), 0
+    bar = progress.bar(sum(ranges[k][1] - ranges[k][0] for k in np.flatnonzero(todo)), "sample")
     for k in np.flatnonzero(todo):
         start, end = ranges[k]
         indices = np.arange(start, end)
@@ -374,9 +375,11 @@ def _sample_chunks(sample: _BatchSampler, out_dir: str, settings: Any, protocol:
         if _is_leader():
             sample_files.write_chunk(sample_files.chunk_path(out_dir, start, end), images, labels, indices)
         done += 1
+        bar.update(end - start)
         rate = done * settings.batch_size / (time.monotonic() - began)
         logging.info("chunk [%d, %d) of %d: %.1f images/s, ETA %.0f s", start, end, num_samples, rate,
                      (todo.sum() - done) * settings.batch_size / rate)
+    bar.close()
     multihost_utils.sync_global_devices("ldm_jax.sample.chunks")
     if _is_leader():
         if not complete():
