@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -43,12 +41,13 @@ def _validate(config: Any) -> None:
         raise ValueError("demo: dit_stage.sample.num_samples must be >= 1 (the samples the classifier labels)")
 
 
-def _train_stage(config: Any, workdir: str) -> str:
+def _train_stage(config: Any, workdir: str, stage: str) -> str:
     """Trains `config` in `workdir` unless its model is exported already; -> the model bundle path."""
-    model = os.path.join(workdir, "model")
+    model = storage.join(workdir, "model")
     if storage.path(model).joinpath("model.json").is_file():
-        logging.info("%s exists: stage already trained", model)
+        print(f"{stage}: {model} exists, already trained", flush=True)
     else:
+        print(f"{stage}: {config.train.num_steps} steps in {workdir} (log lines below)", flush=True)
         loop.train(config, workdir)
     return model
 
@@ -122,21 +121,24 @@ def score_samples(images: np.ndarray, labels: np.ndarray, data_config: Any) -> d
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Runs the demo in `workdir`; returns (and writes to `<workdir>/demo.json`) its summary."""
     _validate(config)
-    vae_model = _train_stage(config.vae_stage, os.path.join(workdir, "vae"))
+    vae_model = _train_stage(config.vae_stage, storage.join(workdir, "vae"), "[1/3] KL-VAE")
     dit_config = copy.deepcopy(config.dit_stage)
     dit_config.vae.path = vae_model
-    dit_workdir = os.path.join(workdir, "dit")
-    _train_stage(dit_config, dit_workdir)
+    dit_workdir = storage.join(workdir, "dit")
+    dit_model = _train_stage(dit_config, dit_workdir, "[2/3] class-conditional DiT on its latents")
+    print(f"[3/3] sampling {dit_config.sample.num_samples} digits (guidance {dit_config.sample.guidance_scale:g}) "
+          "and scoring them", flush=True)
     outputs = sampling.sample_from_config(dit_config, dit_workdir)
     with storage.path(outputs["samples"]).open("rb") as f, np.load(f) as samples:
         images, labels = samples["arr_0"], samples["arr_1"]
     summary = {"grid": outputs["grid"], "samples": outputs["samples"], **score_samples(images, labels, dit_config.data)}
-    storage.write_atomic(os.path.join(workdir, "demo.json"), json.dumps(summary, indent=2).encode())
+    summary_path = storage.join(workdir, "demo.json")
+    storage.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
     print(f"sample grid (row r = digit r): {summary['grid']}")
     print(f"a digits classifier recognises the intended digit in {summary['conditional_accuracy']:.1%} of "
           f"{len(labels)} samples (its accuracy on held-out real digits: {summary['classifier_held_out_accuracy']:.1%}); "
           "per digit: " + " ".join(f"{c}:{a:.0%}" for c, a in enumerate(summary["conditional_accuracy_per_class"])))
     print(f"Frechet distance to held-out digits (8x8 grey levels): samples {summary['frechet_distance']:.3f}, "
           f"real training digits {summary['frechet_distance_real_train']:.3f} (lower is closer)")
-    print(f"models: {vae_model}, {os.path.join(dit_workdir, 'model')}; summary: {os.path.join(workdir, 'demo.json')}")
+    print(f"models: {vae_model}, {dit_model}; summary: {summary_path}")
     return summary

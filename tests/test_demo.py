@@ -50,8 +50,13 @@ def test_demo_command_trains_both_stages_and_scores_samples(tmp_path):
     assert summary["classifier_held_out_accuracy"] >= 0.97
     assert (tmp_path / "vae" / "model" / "model.json").exists() and (tmp_path / "dit" / "model" / "model.json").exists()
     assert summary["grid"] in result.stdout and "recognises the intended digit" in result.stdout
+    stages = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("[")]
+    assert stages == ["[1/3] KL-VAE", "[2/3] class-conditional DiT on its latents", "[3/3] sampling 40 digits (guidance 1.5) and scoring them"]
+    terminal = result.stdout + result.stderr  # the parameter table and hyperparameters are in files only
+    assert "| Name" not in terminal and "Hyperparameters" not in terminal
+    assert "Total:" in (tmp_path / "vae" / "parameters.txt").read_text()
     assert open(summary["grid"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     # A rerun trains nothing again: both stages are found exported.
     rerun = subprocess.run(command, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert rerun.stderr.count("stage already trained") == 2
+    assert rerun.stdout.count("already trained") == 2
