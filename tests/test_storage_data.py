@@ -22,10 +22,10 @@ from ldm_jax.data import sources
 from ldm_jax.models import serialization
 from ldm_jax.models.vae import AutoencoderKL
 from subprocesses import cpu_env, wait_for
+from test_latent_cache import FACTOR, FailingAt, encode_fn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-IMAGE_SIZE, FACTOR, CHANNELS, SHARD = 8, 4, 2, 64
-PROJECTION = np.random.default_rng(0).normal(size=(3, 2 * CHANNELS)).astype(np.float32)
+IMAGE_SIZE, SHARD = 8, 64
 
 
 def _no_local_gs_folder(*folders):
@@ -97,34 +97,6 @@ def test_image_folders_on_gcs_read_as_the_local_ones(tmp_path, gcs):
     with pytest.raises(ValueError, match="is not an existing folder"):
         sources.ImageFolderSource(gcs.uri("images", "nothing"))
     _no_local_gs_folder()
-
-
-def encode_fn(images):
-    """A fixed deterministic encoder: 4x4 average pool, a linear map to mean and softplus std."""
-    b, h, w, c = images.shape
-    pooled = images.reshape(b, h // FACTOR, FACTOR, w // FACTOR, FACTOR, c).mean(axis=(2, 4))
-    features = pooled @ PROJECTION
-    return features[..., :CHANNELS], jax.nn.softplus(features[..., CHANNELS:])
-
-
-class FailingAt:
-    """A source that breaks at one index, like a run stopped part-way."""
-
-    def __init__(self, source, fail_at):
-        self.source, self.fail_at, self.reads = source, fail_at, []
-        self.class_names = source.class_names
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        self.reads.append(index)
-        if index == self.fail_at:
-            raise RuntimeError("killed")
-        return self.source[index]
-
-    def __repr__(self):
-        return repr(self.source)
 
 
 def _cache(source, out_dir):
