@@ -129,6 +129,7 @@ IMPORTS = {
     "dit_diffusers": "dit_tiny_diffusers",
     "pixart_diffusers": "pixart_tiny_diffusers",
     "clip_transformers": "clip_tiny/text_encoder",
+    "unet_diffusers": "unet_sd1",
 }
 
 

@@ -216,6 +216,7 @@ IMPORTS = {  # each importer of convert/registry.py that reads a folder, on its 
     "dit_diffusers": "dit_tiny_diffusers",
     "pixart_diffusers": "pixart_tiny_diffusers",
     "clip_transformers": "clip_tiny/text_encoder",
+    "unet_diffusers": "unet_sd1",
 }
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from ldm_jax.convert.torch_io import load_safetensors
 from ldm_jax.convert.vae import vae_from_diffusers
+from ldm_jax.models.conv_blocks import CONV_KERNEL_AXES
 from ldm_jax.models.vae import (
-    CONV_KERNEL_AXES,
     SD_VAE_CONFIG,
     AutoencoderKL,
     DiagonalGaussian,

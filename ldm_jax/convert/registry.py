@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 
-from ldm_jax.convert import clip, dit, pixart, vae
+from ldm_jax.convert import clip, dit, pixart, unet, vae
+from ldm_jax.models.unet import UNet2DConditionModel
 from ldm_jax.models.vae import AutoencoderKL
 
 
@@ -47,10 +48,14 @@ IMPORTERS: dict[str, Importer] = {
                                                                         image_size=options["image_size"])),
     "pixart_diffusers": Importer("a diffusers PixArtTransformer2DModel folder (or its pipeline folder)",
                                  lambda src, options: pixart.dit_from_diffusers_pixart(src)),
+    "unet_diffusers": Importer("a diffusers UNet2DConditionModel folder (a Stable Diffusion repo's unet/)",
+                               lambda src, options: unet.unet_from_diffusers(src)),
     "clip_transformers": Importer("a transformers CLIPTextModel folder (a Stable Diffusion repo's text_encoder/)",
                                   lambda src, options: clip.clip_text_from_hf(src)),
 }
 
 EXPORTERS: dict[str, Exporter] = {
     "vae_diffusers": Exporter(AutoencoderKL, "a diffusers AutoencoderKL folder", vae.vae_to_diffusers),
+    "unet_diffusers": Exporter(UNet2DConditionModel, "a diffusers UNet2DConditionModel folder",
+                               unet.unet_to_diffusers),
 }

@@ -24,7 +24,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -289,6 +289,19 @@ def vae_to_diffusers(
     export's config.json is removed: an interrupted write never leaves a complete-looking folder. An
     existing `path` raises FileExistsError unless `overwrite`.
     """
+    write_diffusers_folder(
+        path, lambda: (diffusers_config(module), state_dict_from_params(module, params)), overwrite
+    )
+
+
+def write_diffusers_folder(
+    path: str | os.PathLike,
+    contents: Callable[[], tuple[dict[str, Any], dict[str, np.ndarray]]],
+    overwrite: bool = False,
+) -> None:
+    """Writes a diffusers model folder, config.json + diffusion_pytorch_model.safetensors, from
+    `contents() -> (config dict, state dict)` (called after `path` is checked), safely as
+    `vae_to_diffusers` describes."""
     path = storage.path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
@@ -298,8 +311,8 @@ def vae_to_diffusers(
         if others:
             raise FileExistsError(f"{path} holds files an export did not write ({', '.join(others[:5])}); "
                                   "it is not replaced: choose another folder")
-    state_dict = state_dict_from_params(module, params)
-    config = json.dumps(diffusers_config(module), indent=2, sort_keys=True) + "\n"
+    config, state_dict = contents()
+    config = json.dumps(config, indent=2, sort_keys=True) + "\n"
     if storage.is_remote(path):
         (path / CONFIG_NAME).unlink(missing_ok=True)
         save_safetensors(state_dict, path / WEIGHTS_NAMES[0], metadata={"format": "pt"})

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 
 from ldm_jax.models.dit import DiT, dit_preset
+from ldm_jax.models.unet import UNet2DConditionModel
 
 # The kind a `model` section without `kind` describes.
 DEFAULT_KIND = "dit"
@@ -33,6 +34,7 @@ class Backbone:
 
 BACKBONES: dict[str, Backbone] = {
     "dit": Backbone(DiT, dit_preset),
+    "unet": Backbone(UNet2DConditionModel),
 }
 
 

@@ -38,12 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models.conv_blocks import BIAS_AXES, CONV_KERNEL_AXES, NORM_AXES
+
 Dtype = Any
 
 NORMS = ("group", "batch", "none")
-CONV_KERNEL_AXES = ("conv_h", "conv_w", "channels_in", "channels_out")
-BIAS_AXES = ("channels_out",)
-NORM_AXES = ("norm",)
 
 _KERNEL = 4
 _PADDING = ((1, 1), (1, 1))

@@ -69,7 +69,7 @@ The text-encoder width Dc / Dp takes the logical name "embed" (a transformer wid
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,6 +78,7 @@ import jax.numpy as jnp
 from ldm_jax.models.layers import (
     ACTIVATION_AXES,
     Attention,
+    checked_conditions,
     LabelEmbedder,
     Mlp,
     Modulation,
@@ -306,35 +307,7 @@ class DiT(nn.Module):
             )
         if t.shape != x.shape[:1]:
             raise ValueError(f"DiT t must be [B]={x.shape[:1]}, got {t.shape}")
-        spec = self.condition_fields()
-        cond = {} if y is None else dict(y) if isinstance(y, Mapping) else {"label": y}
-        unknown = sorted(set(cond) - set(spec))
-        missing = sorted(set(spec) - set(cond) - {"context_mask"})
-        if unknown or missing:
-            takes = "; ".join(
-                f"{key!r} [{', '.join(map(str, dims))}] (DiT.{field})"
-                for key, (field, dims) in spec.items()
-            )
-            raise ValueError(
-                f"DiT y has keys {sorted(cond)}: "
-                + (f"unknown here: {unknown}; " if unknown else "")
-                + (f"missing: {missing}; " if missing else "")
-                + f"this config takes {takes or 'no condition (y=None)'}"
-            )
-        sizes = {"B": x.shape[0]}  # the free sizes, bound by the first key that has them
-        for key, (field, dims) in spec.items():
-            if key not in cond:
-                continue
-            shape, bound = tuple(jnp.shape(cond[key])), dict(sizes)
-            if len(shape) != len(dims) or any(
-                bound.setdefault(d, n) != n if isinstance(d, str) else d != n
-                for d, n in zip(dims, shape)
-            ):
-                want = ", ".join(f"{d}={sizes[d]}" if d in sizes else str(d) for d in dims)
-                raise ValueError(
-                    f"DiT y[{key!r}] has shape {shape}, but DiT.{field} needs [{want}]"
-                )
-            sizes = bound
+        cond, sizes = checked_conditions("DiT", self.condition_fields(), y, x.shape[0])
         if "concat" in cond and (self.input_size % sizes["h"] or self.input_size % sizes["w"]):
             raise ValueError(
                 f"DiT y['concat'] is {sizes['h']}x{sizes['w']}: h and w must divide "

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models.conv_blocks import BIAS_AXES, CONV_KERNEL_AXES
+
 Dtype = Any
 
 IMAGE_SIZE = 299
@@ -42,8 +44,6 @@ SPATIAL_CHANNELS = 7  # ADM's sFID keeps the first 7 channels of mixed_6/conv
 WIDTH_DIVISORS = (1, 2, 4, 8, 16)  # every conv width of InceptionV3 is a multiple of 16
 MIN_IMAGE_SIZE = 75  # the smallest input the stride-2 stages accept
 
-CONV_KERNEL_AXES = ("conv_h", "conv_w", "channels_in", "channels_out")
-BIAS_AXES = ("channels_out",)
 FC_KERNEL_AXES = ("embed", "vocab")
 
 _kernel_init = nn.with_logical_partitioning(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +41,7 @@ class Linear(nn.Module):
 
     `kernel_axes` names every kernel dimension; the bias [*features] takes the output names.
     The default init is xavier-uniform with the fans of the flattened [prod(in), prod(features)]
-    matrix, i.e. of the PyTorch `nn.Linear` the layer corresponds to.
+    matrix, i.e. of the PyTorch `nn.Linear` the layer corresponds to. `use_bias=False`: no bias.
     """
 
     features: int | tuple[int, ...]
@@ -50,6 +50,7 @@ class Linear(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: nn.initializers.Initializer | None = None
     bias_init: nn.initializers.Initializer = zeros
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -61,20 +62,52 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", partitioned(kernel_init, self.kernel_axes), shape, jnp.float32
         )
+        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        if not self.use_bias:
+            return y
         bias = self.param(
             "bias",
             partitioned(self.bias_init, self.kernel_axes[self.in_dims :]),
             features,
             jnp.float32,
         )
-        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
-        )
         return y + bias.astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------- functions
+
+
+def checked_conditions(model: str, spec: Mapping[str, tuple[str, tuple]], y: Any, batch: int) -> tuple[dict, dict]:
+    """A backbone's conditions `y` (a dict, a bare label array, or None) checked against its
+    `condition_fields()` `spec` (key -> (the field that enables it, dims); a str dim is a size bound
+    by the first key that has it, "B" = `batch`). -> (the conditions as a dict, the bound sizes).
+    ValueError naming the key and `<model>.<field>` for an unknown, missing or misshaped condition."""
+    cond = {} if y is None else dict(y) if isinstance(y, Mapping) else {"label": y}
+    unknown = sorted(set(cond) - set(spec))
+    missing = sorted(set(spec) - set(cond) - {"context_mask"})
+    if unknown or missing:
+        takes = "; ".join(f"{key!r} [{', '.join(map(str, dims))}] ({model}.{field})" for key, (field, dims) in spec.items())
+        raise ValueError(
+            f"{model} y has keys {sorted(cond)}: "
+            + (f"unknown here: {unknown}; " if unknown else "")
+            + (f"missing: {missing}; " if missing else "")
+            + f"this config takes {takes or 'no condition (y=None)'}"
+        )
+    sizes = {"B": batch}
+    for key, (field, dims) in spec.items():
+        if key not in cond:
+            continue
+        shape, bound = tuple(jnp.shape(cond[key])), dict(sizes)
+        if len(shape) != len(dims) or any(
+            bound.setdefault(d, n) != n if isinstance(d, str) else d != n for d, n in zip(dims, shape)
+        ):
+            want = ", ".join(f"{d}={sizes[d]}" if d in sizes else str(d) for d in dims)
+            raise ValueError(f"{model} y[{key!r}] has shape {shape}, but {model}.{field} needs [{want}]")
+        sizes = bound
+    return cond, sizes
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
@@ -94,19 +127,24 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def timestep_embedding(
-    t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0
+    t: jax.Array,
+    dim: int,
+    max_period: float = 10000.0,
+    freq_shift: float = 0.0,
+    flip_sin_to_cos: bool = True,
 ) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, cosines first.
 
     t: [B] -> [B, dim] float32: [cos(t * f_i), sin(t * f_i)] with
     f_i = max_period ** (-i / (dim // 2 - freq_shift)), i < dim // 2; a zero column pads odd `dim`.
     `freq_shift=0` is DiT/GLIDE; diffusers' `Timesteps(flip_sin_to_cos=True,
-    downscale_freq_shift=1)` is `freq_shift=1`.
+    downscale_freq_shift=1)` is `freq_shift=1`. `flip_sin_to_cos=False`: sines first.
     """
     half = dim // 2
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
     args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    halves = [jnp.cos(args), jnp.sin(args)]
+    embedding = jnp.concatenate(halves if flip_sin_to_cos else halves[::-1], axis=-1)
     if dim % 2:
         embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
     return embedding
@@ -145,12 +183,18 @@ class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_embedding_size: int = 256
     freq_shift: float = 0.0
+    flip_sin_to_cos: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        h = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        h = timestep_embedding(
+            t,
+            self.frequency_embedding_size,
+            freq_shift=self.freq_shift,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+        )
         h = Linear(
             self.hidden_size, ("freq", "mlp"), dtype=self.dtype, kernel_init=init, name="fc1"
         )(h)
@@ -231,12 +275,14 @@ class Attention(nn.Module):
     real token; padded tokens get no attention weight, and a sample whose tokens are all padding
     attends to nothing (its attention average is 0, so only the output bias remains).
     Output kernel [H, Dh, D] (`zero_init_output`: zero-initialised, as PixArt's cross-attention).
-    `qk_norm` applies RMSNorm (learned scale [Dh]) to q and k per head.
+    `qk_norm` applies RMSNorm (learned scale [Dh]) to q and k per head. `qkv_bias=False`: the q, k,
+    v projections have no bias (Stable Diffusion's U-Net).
     """
 
     num_heads: int
     qk_norm: bool = False
     zero_init_output: bool = False
+    qkv_bias: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -251,14 +297,24 @@ class Attention(nn.Module):
         heads = (self.num_heads, head_dim)
         if context is None:
             qkv = Linear(
-                (3, *heads), ("embed", "qkv", "heads", "kv"), dtype=self.dtype, name="qkv"
+                (3, *heads),
+                ("embed", "qkv", "heads", "kv"),
+                dtype=self.dtype,
+                use_bias=self.qkv_bias,
+                name="qkv",
             )(x)
             q, k, v = (qkv[:, :, i] for i in range(3))
         else:
-            q = Linear(heads, ("embed", "heads", "kv"), dtype=self.dtype, name="q")(x)
-            kv = Linear((2, *heads), ("embed", "qkv", "heads", "kv"), dtype=self.dtype, name="kv")(
-                context
-            )
+            q = Linear(
+                heads, ("embed", "heads", "kv"), dtype=self.dtype, use_bias=self.qkv_bias, name="q"
+            )(x)
+            kv = Linear(
+                (2, *heads),
+                ("embed", "qkv", "heads", "kv"),
+                dtype=self.dtype,
+                use_bias=self.qkv_bias,
+                name="kv",
+            )(context)
             k, v = kv[:, :, 0], kv[:, :, 1]
         q, k, v = (nn.with_logical_constraint(a, HEAD_ACTIVATION_AXES) for a in (q, k, v))
         if self.qk_norm:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models.conv_blocks import BIAS_AXES, CONV_KERNEL_AXES, torch_default_init
+
 Dtype = Any
 
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -34,12 +36,6 @@ VGG16_DEPTHS = (2, 2, 3, 3, 3)  # convs per block
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
-
-CONV_KERNEL_AXES = ("conv_h", "conv_w", "channels_in", "channels_out")
-BIAS_AXES = ("channels_out",)
-
-# PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)).
-_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def vgg16_conv_indices() -> tuple[tuple[int, ...], ...]:
@@ -91,7 +87,7 @@ class LPIPS(nn.Module):
                     padding=((1, 1), (1, 1)),
                     dtype=self.dtype,
                     param_dtype=self.param_dtype,
-                    kernel_init=nn.with_logical_partitioning(_kernel_init, CONV_KERNEL_AXES),
+                    kernel_init=nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, BIAS_AXES),
                     name=f"features_{i}",
                 )
@@ -106,7 +102,7 @@ class LPIPS(nn.Module):
                 use_bias=False,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
-                kernel_init=nn.with_logical_partitioning(_kernel_init, CONV_KERNEL_AXES),
+                kernel_init=nn.with_logical_partitioning(torch_default_init, CONV_KERNEL_AXES),
                 name=f"lin{l}",
             )
             for l in range(len(self.widths))

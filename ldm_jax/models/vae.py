@@ -20,7 +20,6 @@ applied inside `encode` / `decode`: callers use `scale_latents` / `unscale_laten
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -31,15 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.models.conv_blocks import ConvLayer, Downsample, ResnetBlock, Upsample, conv, dense, group_norm
+
 Dtype = Any
-
-CONV_KERNEL_AXES = ("conv_h", "conv_w", "channels_in", "channels_out")
-DENSE_KERNEL_AXES = ("channels_in", "channels_out")
-BIAS_AXES = ("channels_out",)
-NORM_AXES = ("norm",)
-
-# PyTorch's default Conv2d / Linear weight init (kaiming_uniform with a=sqrt(5)).
-_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -136,95 +129,7 @@ def unscale_latents(
 # ----------------------------------------------------------------------------- layers
 
 
-def _with_kernel(layer: type[nn.Module], kernel_axes: tuple[str, ...], **kwargs: Any) -> nn.Module:
-    """`layer(**kwargs)` with PyTorch-default kernel init and logical names, zero bias."""
-    return layer(
-        kernel_init=nn.with_logical_partitioning(_kernel_init, kernel_axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, BIAS_AXES),
-        **kwargs,
-    )
-
-
-def _conv(
-    features: int,
-    kernel: int,
-    name: str | None,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    stride: int = 1,
-    padding: Any = "SAME",
-) -> nn.Conv:
-    return _with_kernel(
-        nn.Conv,
-        CONV_KERNEL_AXES,
-        features=features,
-        kernel_size=(kernel, kernel),
-        strides=stride,
-        padding=padding,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-def _dense(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
-    return _with_kernel(
-        nn.Dense,
-        DENSE_KERNEL_AXES,
-        features=features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-def _group_norm(groups: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
-    return nn.GroupNorm(
-        num_groups=groups,
-        epsilon=1e-6,
-        use_fast_variance=False,  # two-pass variance, as torch.nn.GroupNorm
-        dtype=dtype,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, NORM_AXES),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, NORM_AXES),
-        name=name,
-    )
-
-
-class _Layer(nn.Module):
-    """Base of the VAE's layers: keyword-only compute `dtype` and storage `param_dtype`."""
-
-    _: dataclasses.KW_ONLY
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @property
-    def dtypes(self) -> dict[str, Dtype]:
-        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
-
-
-class ResnetBlock(_Layer):
-    """diffusers `ResnetBlock2D` without time embedding.
-
-    x: [B, H, W, Cin] -> [B, H, W, out_channels].
-    """
-
-    out_channels: int
-    groups: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = self.dtypes
-        h = nn.silu(_group_norm(self.groups, "norm1", **kw)(x))
-        h = _conv(self.out_channels, 3, "conv1", **kw)(h)
-        h = nn.silu(_group_norm(self.groups, "norm2", **kw)(h))
-        h = _conv(self.out_channels, 3, "conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
-        return x + h
-
-
-class AttentionBlock(_Layer):
+class AttentionBlock(ConvLayer):
     """Single-head self-attention over all H*W positions with all channels; residual.
 
     x: [B, H, W, C] -> [B, H, W, C]. diffusers `Attention(_from_deprecated_attn_block=True)`.
@@ -236,29 +141,11 @@ class AttentionBlock(_Layer):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = self.dtypes
         b, h, w, c = x.shape
-        y = _group_norm(self.groups, "group_norm", **kw)(x).reshape(b, h * w, 1, c)
-        q, k, v = (_dense(c, name, **kw)(y) for name in ("to_q", "to_k", "to_v"))
+        y = group_norm(self.groups, "group_norm", **kw)(x).reshape(b, h * w, 1, c)
+        q, k, v = (dense(c, name, **kw)(y) for name in ("to_q", "to_k", "to_v"))
         y = jax.nn.dot_product_attention(q, k, v)  # scale 1/sqrt(C), one head
-        y = _dense(c, "to_out_0", **kw)(y.reshape(b, h * w, c))
+        y = dense(c, "to_out_0", **kw)(y.reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)
-
-
-class Downsample(_Layer):
-    """Pad right/bottom by one, stride-2 3x3 conv, no padding. [B, H, W, C] -> [B, H/2, W/2, C]."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(x.shape[-1], 3, "conv", stride=2, padding="VALID", **self.dtypes)(x)
-
-
-class Upsample(_Layer):
-    """Nearest-neighbour x2, then a 3x3 conv. [B, H, W, C] -> [B, 2H, 2W, C]."""
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(x.shape[-1], 3, "conv", **self.dtypes)(x)
 
 
 _RematResnetBlock = nn.remat(ResnetBlock)
@@ -268,7 +155,7 @@ def _resnet_cls(remat: bool) -> type[nn.Module]:
     return _RematResnetBlock if remat else ResnetBlock
 
 
-class ResnetStack(_Layer):
+class ResnetStack(ConvLayer):
     """`num_layers` resnets, then an optional resampler: diffusers' DownEncoderBlock2D
     (`resample="down"`) / UpDecoderBlock2D (`resample="up"`). [B, H, W, Cin] -> [B, H', W', out]."""
 
@@ -291,7 +178,7 @@ class ResnetStack(_Layer):
         return x
 
 
-class MidBlock(_Layer):
+class MidBlock(ConvLayer):
     """resnet -> attention (optional) -> resnet, channels kept. [B, H, W, C] -> [B, H, W, C]."""
 
     groups: int
@@ -309,7 +196,7 @@ class MidBlock(_Layer):
         return resnet(c, self.groups, name="resnets_1", **kw)(x)
 
 
-class Coder(_Layer):
+class Coder(ConvLayer):
     """diffusers' `Encoder` (`down=True`) or `Decoder` (`down=False`).
 
     Encoder: image [B, H, W, Cin] -> conv_in -> down_blocks (layers_per_block resnets each, a
@@ -338,7 +225,7 @@ class Coder(_Layer):
         mid = MidBlock(
             self.groups, self.mid_block_add_attention, self.remat, name="mid_block", **kw
         )
-        x = _conv(channels[0], 3, "conv_in", **kw)(x)
+        x = conv(channels[0], 3, "conv_in", **kw)(x)
         if not self.down:
             x = mid(x)
         for i, c in enumerate(channels):
@@ -349,8 +236,8 @@ class Coder(_Layer):
             x = stack(x)
         if self.down:
             x = mid(x)
-        x = nn.silu(_group_norm(self.groups, "conv_norm_out", **kw)(x))
-        return _conv(self.out_channels, 3, "conv_out", **kw)(x)
+        x = nn.silu(group_norm(self.groups, "conv_norm_out", **kw)(x))
+        return conv(self.out_channels, 3, "conv_out", **kw)(x)
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -422,9 +309,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Coder(out_channels=2 * self.latent_channels, down=True, **arch, **kw)
         self.decoder = Coder(out_channels=self.out_channels, down=False, **arch, **kw)
         if self.use_quant_conv:
-            self.quant_conv = _conv(2 * self.latent_channels, 1, None, **kw)
+            self.quant_conv = conv(2 * self.latent_channels, 1, None, **kw)
         if self.use_post_quant_conv:
-            self.post_quant_conv = _conv(self.latent_channels, 1, None, **kw)
+            self.post_quant_conv = conv(self.latent_channels, 1, None, **kw)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
         """x: [B, H, W, in_channels] (images in [-1, 1]) -> posterior over [B, H/f, W/f, latent]."""
