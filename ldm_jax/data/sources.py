@@ -118,10 +118,12 @@ def read_image(path: str, mode: str = "RGB") -> Image.Image:
     (`transforms.to_8bit`); a file that cannot be read, or a decompression bomb (`_open_image`), is
     a ValueError naming it."""
     try:
-        with _open_image(path) as image:
-            return transforms.to_8bit(image, mode)
+        image = _open_image(path)
+        image.load()  # decodes now: a truncated or corrupt file fails here, named
     except Exception as err:  # pylint: disable=broad-except  (PIL raises many kinds)
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
+    with image:
+        return transforms.to_8bit(image, mode)  # values out of range: its own error names the file
 
 
 def _decode_error(path: str) -> str | None:
