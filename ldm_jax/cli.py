@@ -96,33 +96,12 @@ def evaluate_command() -> None:
 
 
 def encode_command() -> None:
-    import jax
-
-    from ldm_jax.conditioning import text_encoding
-    from ldm_jax.data import latent_cache, pipeline
-    from ldm_jax.parallel import mesh as mesh_lib
-    from ldm_jax.inference import bundles
+    from ldm_jax.data import latent_cache
 
     _require("config", "out")
-    config = FLAGS.config
-    if not config.vae.path:
+    if not FLAGS.config.vae.path:
         raise app.UsageError("encode: set --config.vae.path to the VAE model bundle to encode with")
-    mesh_lib.initialize_distributed(config.distributed)
-    mesh = mesh_lib.make_mesh(dict(config.mesh))
-    data = pipeline.resolve_config(config.data)
-    vae, params, identity = bundles.load_vae(config.vae.path)
-    params = jax.device_put(params, mesh_lib.replicated(mesh))
-
-    def encode(images):
-        return vae.apply({"params": params}, images, method=vae.encode)
-
-    meta = latent_cache.cache_latents(
-        pipeline.make_source(data), encode, FLAGS.out, image_size=data.image_size,
-        downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
-        sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=FLAGS.shard_size,
-        num_threads=data.num_threads, text=text_encoding.text_encoder_from_config(config.text),
-        vae=identity,
-    )
+    meta = latent_cache.cache_from_config(FLAGS.config, FLAGS.out, FLAGS.shard_size)
     print(f"latent cache ({meta.get('num_examples', '?')} examples) in {FLAGS.out}; train on it with "
           f"--config.data.source=latents --config.data.path={FLAGS.out}")
 

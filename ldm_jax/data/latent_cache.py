@@ -43,10 +43,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from ldm_jax import progress, storage
+from ldm_jax.conditioning import text_encoding
 from ldm_jax.data import pipeline
 from ldm_jax.data import sources
 from ldm_jax.data import transforms
+from ldm_jax.inference import bundles
 from ldm_jax.models import serialization
+from ldm_jax.parallel import mesh as mesh_lib
 from ldm_jax.parallel import partitioning
 
 FORMAT_VERSION = 1
@@ -362,3 +365,23 @@ def cache_latents(
     elapsed = time.time() - start
     logging.info("cache_latents: process %d done, %d examples in %.1f s", process_index, done, elapsed)
     return meta
+
+
+def cache_from_config(config: Any, out_dir: str, shard_size: int) -> dict[str, Any]:
+    """`ldm-jax encode`: the config's data set encoded by the VAE bundle `vae.path` (and its captions
+    by `text.*`, when set) into a latent cache at `out_dir`, sharded over the config's mesh; -> its meta."""
+    mesh_lib.initialize_distributed(config.distributed)
+    mesh = mesh_lib.make_mesh(dict(config.mesh))
+    data = pipeline.resolve_config(config.data)
+    vae, params, identity = bundles.load_vae(config.vae.path)
+    params = jax.device_put(params, mesh_lib.replicated(mesh))
+
+    def encode(images):
+        return vae.apply({"params": params}, images, method=vae.encode)
+
+    return cache_latents(
+        pipeline.make_source(data), encode, out_dir, image_size=data.image_size,
+        downsample_factor=vae.downsample_factor, batch_size=data.batch_size,
+        sharding=pipeline.batch_sharding(mesh), flip=data.random_flip, shard_size=shard_size,
+        num_threads=data.num_threads, text=text_encoding.text_encoder_from_config(config.text), vae=identity,
+    )
