@@ -201,29 +201,21 @@ def load_inception(path: str, *, image_size: int = IMAGE_SIZE) -> tuple[Inceptio
     num_classes, width = np.shape(fc)
     module = InceptionV3(width_divisor=FULL_POOL_WIDTH // width, num_classes=num_classes, image_size=image_size)
     params = inception_params_from_state_dict(state, module, f"FID Inception weights {path}")
-    about = {"path": os.fspath(storage.path(path)), "sha256": file_sha256(path),
+    about = {"path": os.fspath(storage.path(path)), "sha256": storage.digest(path)["sha256"],
              "width_divisor": module.width_divisor, "num_classes": num_classes, "image_size": image_size}
     return module, params, about
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with storage.path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_sha256(folder: str) -> str:
     """sha256 over the image files below `folder` (their relative paths and contents, sorted)."""
     digest = hashlib.sha256()
     for name in image_names(storage.path(folder)):
-        digest.update(f"{name}:{file_sha256(storage.join(folder, name))};".encode())
+        digest.update(f"{name}:{storage.digest(storage.join(folder, name))['sha256']};".encode())
     return digest.hexdigest()
 
 
 def _fingerprint(path: str) -> dict[str, str]:
-    sha = folder_sha256(path) if storage.path(path).is_dir() else file_sha256(path)
+    sha = folder_sha256(path) if storage.path(path).is_dir() else storage.digest(path)["sha256"]
     return {"path": os.fspath(storage.path(path)), "sha256": sha}
 
 

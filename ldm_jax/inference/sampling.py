@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -228,7 +227,7 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
         raise ValueError(f"{where} {'was trained to' if trained else 'asked to'} {task}: give the image "
                          "(--image, sample.image)" + (" and the mask (--mask, sample.mask)" if task == "inpaint" else ""))
     image = _read_image(settings.image, "sample.image (--image)", "RGB")
-    protocol = {"task": task, "image_sha256": _file_sha256(settings.image)}
+    protocol = {"task": task, "image_sha256": storage.digest(settings.image)["sha256"]}
     if task == "upscale":
         if settings.mask:
             raise ValueError("--mask (sample.mask): a mask is for inpainting; this checkpoint upscales")
@@ -248,13 +247,9 @@ def _image_inputs(settings: Any, generator: generation.Generator, vae_params: An
     if image.shape[:2] != expected:
         raise ValueError(f"sample.image (--image)={settings.image} is {image.shape[1]}x{image.shape[0]}; the "
                          f"checkpoint makes {expected[1]}x{expected[0]} images")
-    protocol.update(mask_sha256=_file_sha256(settings.mask), jumps=list(generator.jumps),
+    protocol.update(mask_sha256=storage.digest(settings.mask)["sha256"], jumps=list(generator.jumps),
                     paste_known=generator.paste_known)
     return {"image": transforms.to_unit_range(image), "mask": (mask > 127).astype(np.float32)[..., None]}, protocol
-
-
-def _file_sha256(path: str) -> str:
-    return hashlib.sha256(storage.path(path).read_bytes()).hexdigest()
 
 
 def _place(tree: Any, shardings: Any) -> Any:
