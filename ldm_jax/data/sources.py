@@ -72,7 +72,7 @@ class DigitsSource:
         return f"DigitsSource(split={self.split!r}, n={len(self)})"
 
 
-def _image_files(folder: str, recursive: bool) -> list[str]:
+def image_files(folder: str, recursive: bool) -> list[str]:
     """Sorted paths of image files (by extension, hidden files skipped) in `folder` (local or gs://),
     in `os.walk` order: a folder's files, then each sub-folder's, by name."""
     found, top = [], None
@@ -142,7 +142,7 @@ def _class_folder_files(path: str, class_dirs: list[str]) -> tuple[list[str], li
     """Image paths under each class folder and their labels (the class's index in `class_dirs`)."""
     files, labels, empty = [], [], []
     for label, name in enumerate(class_dirs):
-        class_files = _image_files(storage.join(path, name), recursive=True)
+        class_files = image_files(storage.join(path, name), recursive=True)
         empty += [] if class_files else [name]
         files += class_files
         labels += [label] * len(class_files)
@@ -212,7 +212,7 @@ class ImageFolderSource:
         if not storage.path(path).is_dir():
             raise ValueError(f"data.path={path!r} is not an existing folder")
         class_dirs = _entries(path)[0]
-        top_images = _image_files(path, recursive=False)
+        top_images = image_files(path, recursive=False)
         if class_dirs and top_images:
             raise ValueError(
                 f"data.path={path!r} mixes class sub-folders {class_dirs[:5]} with loose images "

@@ -15,14 +15,12 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import os
 import time
 import zipfile
 import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from absl import logging
-from etils import epath
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import numpy as np
 
 from ldm_jax import progress, storage
 from ldm_jax.data import transforms
+from ldm_jax.data import sources
 from ldm_jax.data.sources import IMAGE_EXTENSIONS, read_image
 from ldm_jax.models.inception import InceptionV3
 
@@ -199,22 +198,13 @@ def npz_image_batches(path: str, batch_size: int, key: str = "arr_0") -> Iterato
 
 
 def image_files(folder: str) -> list[str]:
-    """Image files (by extension) below `folder`, recursively, sorted by path; hidden ones skipped."""
+    """Image files (by extension) below `folder`, recursively (`sources.image_files`); hidden ones skipped."""
     if not storage.path(folder).is_dir():
         raise ValueError(f"{folder!r} is not an existing folder")
-    files = [os.path.join(folder, name) for name in image_names(storage.path(folder))]
+    files = sources.image_files(folder, recursive=True)
     if not files:
         raise ValueError(f"{folder!r} holds no images (extensions {IMAGE_EXTENSIONS})")
     return files
-
-
-def image_names(folder: epath.Path) -> list[str]:
-    """Paths relative to `folder` (an epath) of the image files below it: its own files, then each
-    subfolder's, by name; hidden files and folders skipped."""
-    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
-    folders = [p for p in entries if p.is_dir()]
-    names = [p.name for p in entries if p not in folders and p.name.lower().endswith(IMAGE_EXTENSIONS)]
-    return names + [f"{sub.name}/{name}" for sub in folders for name in image_names(sub)]
 
 
 def _threaded_batches(

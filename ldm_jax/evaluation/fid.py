@@ -46,7 +46,7 @@ from ldm_jax.evaluation.features import (
     ImageSet,
     InceptionFeatures,
     folder_images,
-    image_names,
+    image_files,
     npz_images,
     npz_keys,
     open_images,
@@ -209,8 +209,9 @@ def load_inception(path: str, *, image_size: int = IMAGE_SIZE) -> tuple[Inceptio
 def folder_sha256(folder: str) -> str:
     """sha256 over the image files below `folder` (their relative paths and contents, sorted)."""
     digest = hashlib.sha256()
-    for name in image_names(storage.path(folder)):
-        digest.update(f"{name}:{storage.digest(storage.join(folder, name))['sha256']};".encode())
+    top = storage.join(folder)
+    for file in image_files(folder):
+        digest.update(f"{file[len(top) + 1:]}:{storage.digest(file)['sha256']};".encode())
     return digest.hexdigest()
 
 
